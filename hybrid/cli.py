@@ -1,0 +1,107 @@
+"""The ``hybrid`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hybrid.errors import HybridError
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    from hybrid.user.conformance import run_directory
+
+    passed = failed = 0
+    for outcome in run_directory(args.directory, args.engine):
+        if outcome.passed:
+            passed += 1
+            if args.verbose:
+                print("PASS %s %s" % (outcome.case.name, outcome.reason))
+        else:
+            failed += 1
+            print("FAIL %s: %s" % (outcome.case.name, outcome.reason))
+        sys.stdout.flush()
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed or not passed else 0
+
+
+def _read_program(path: str) -> bytes:
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    return data
+
+
+def _disasm(args: argparse.Namespace) -> int:
+    from hybrid.user import isa
+
+    print(isa.disasm(isa.decode(_read_program(args.file))))
+    return 0
+
+
+def _asm(args: argparse.Namespace) -> int:
+    from hybrid.user.asm import assemble
+
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    code = assemble(text)
+    if args.output:
+        Path(args.output).write_bytes(code)
+    else:
+        sys.stdout.buffer.write(code)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from hybrid.user.engine import create_engine
+    from hybrid.user.program import Program
+
+    prog = Program.load(_read_program(args.file), name=Path(args.file).name)
+    ctx = bytes.fromhex(args.mem.replace(" ", "")) if args.mem else b""
+    with create_engine(args.engine, prog) as engine:
+        print("%#x" % engine.run(bytearray(ctx)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hybrid", description="A kernel-cooperative eBPF runtime.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    engines = ("interp", "jit", "aot")
+
+    c = sub.add_parser("conformance", help="run bpf_conformance .data vectors")
+    c.add_argument("directory", help="folder of .data files")
+    c.add_argument("--engine", choices=engines, default="interp")
+    c.add_argument("-v", "--verbose", action="store_true", help="print passing vectors too")
+    c.set_defaults(func=_conformance)
+
+    d = sub.add_parser("disasm", help="disassemble raw eBPF bytecode")
+    d.add_argument("file", help="bytecode file, or - for standard input")
+    d.set_defaults(func=_disasm)
+
+    a = sub.add_parser("asm", help="assemble text into raw eBPF bytecode")
+    a.add_argument("file", help="assembler text, or - for standard input")
+    a.add_argument("-o", "--output", help="write the bytecode here (default: standard output)")
+    a.set_defaults(func=_asm)
+
+    r = sub.add_parser("run", help="verify and run raw bytecode once, print r0")
+    r.add_argument("file", help="bytecode file, or - for standard input")
+    r.add_argument("--engine", choices=engines, default="jit")
+    r.add_argument("--mem", help="input memory as hex bytes (r1 points at it, r2 is its length)")
+    r.set_defaults(func=_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HybridError as e:
+        print("hybrid: %s: %s" % (type(e).__name__, e), file=sys.stderr)
+        return 2
+    except OSError as e:
+        print("hybrid: %s" % e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

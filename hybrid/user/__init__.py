@@ -1,0 +1,1 @@
+"""The userspace eBPF VM: ISA tables, assembler, verifier and the three engines."""

@@ -1,0 +1,242 @@
+"""The reference interpreter: plain Python, the oracle the other engines are tested against.
+
+Semantics follow RFC 9669 as summarised in ``isa.py``; everything is done
+on Python integers masked to 32 or 64 bits.  Memory is the real memory of
+the process, but every load and store is checked against the regions the
+program may touch (its stack, the context, and regions registered with
+:meth:`Memory.add`), so a bad pointer is a :class:`VmError` naming the
+instruction, never a crash.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+from hybrid.errors import VmError
+from hybrid.user import isa
+from hybrid.user.engine import EngineBase
+from hybrid.user.isa import OPS, Insn, Kind
+from hybrid.user.program import Program
+
+M64 = (1 << 64) - 1
+M32 = (1 << 32) - 1
+
+
+def _mask(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def sx(value: int, bits: int) -> int:
+    """``value``'s low ``bits`` bits as a signed integer."""
+    value &= _mask(bits)
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def _tdiv(a: int, b: int) -> int:
+    """Division truncated toward zero, as C does."""
+    q = abs(a) // abs(b)
+    return -q if (a < 0) != (b < 0) else q
+
+
+def _div(a: int, b: int, n: int, signed: bool) -> int:
+    if b == 0:
+        return 0
+    return _tdiv(sx(a, n), sx(b, n)) if signed else a // b
+
+
+def _mod(a: int, b: int, n: int, signed: bool) -> int:
+    if b == 0:
+        return a
+    if signed:
+        sa, sb = sx(a, n), sx(b, n)
+        return sa - sb * _tdiv(sa, sb)
+    return a % b
+
+
+# ALU operations: (dst, src, bits, offset field) -> result (masked by the caller)
+ALU: dict[int, Callable[[int, int, int, int], int]] = {
+    0x00: lambda a, b, n, o: a + b,
+    0x10: lambda a, b, n, o: a - b,
+    0x20: lambda a, b, n, o: a * b,
+    0x30: lambda a, b, n, o: _div(a, b, n, o == 1),
+    0x40: lambda a, b, n, o: a | b,
+    0x50: lambda a, b, n, o: a & b,
+    0x60: lambda a, b, n, o: a << (b & (n - 1)),
+    0x70: lambda a, b, n, o: a >> (b & (n - 1)),
+    0x80: lambda a, b, n, o: -a,
+    0x90: lambda a, b, n, o: _mod(a, b, n, o == 1),
+    0xA0: lambda a, b, n, o: a ^ b,
+    0xB0: lambda a, b, n, o: sx(b, o) if o else b,
+    0xC0: lambda a, b, n, o: sx(a, n) >> (b & (n - 1)),
+}
+
+# conditional jumps: (dst, src, bits) -> taken
+JUMPS: dict[int, Callable[[int, int, int], bool]] = {
+    0x10: lambda a, b, n: a == b,
+    0x20: lambda a, b, n: a > b,
+    0x30: lambda a, b, n: a >= b,
+    0x40: lambda a, b, n: bool(a & b),
+    0x50: lambda a, b, n: a != b,
+    0x60: lambda a, b, n: sx(a, n) > sx(b, n),
+    0x70: lambda a, b, n: sx(a, n) >= sx(b, n),
+    0xA0: lambda a, b, n: a < b,
+    0xB0: lambda a, b, n: a <= b,
+    0xC0: lambda a, b, n: sx(a, n) < sx(b, n),
+    0xD0: lambda a, b, n: sx(a, n) <= sx(b, n),
+}
+
+# atomic read-modify-write: (old, src) -> new
+ATOMICS: dict[int, Callable[[int, int], int]] = {
+    0x00: lambda old, v: old + v,
+    0x40: lambda old, v: old | v,
+    0x50: lambda old, v: old & v,
+    0xA0: lambda old, v: old ^ v,
+    0xE0: lambda old, v: v,
+}
+
+
+def bswap(value: int, bits: int) -> int:
+    return int.from_bytes((value & _mask(bits)).to_bytes(bits // 8, "little"), "big")
+
+
+class Memory:
+    """The regions a program may touch, checked on every access."""
+
+    def __init__(self) -> None:
+        self._regions: list[tuple[int, int, bool, str]] = []
+
+    def add(self, start: int, size: int, name: str, writable: bool = True) -> None:
+        if size:
+            self._regions.append((start, start + size, writable, name))
+
+    def remove(self, start: int) -> None:
+        self._regions = [r for r in self._regions if r[0] != start]
+
+    def check(self, addr: int, size: int, write: bool) -> None:
+        for start, end, writable, name in self._regions:
+            if start <= addr and addr + size <= end:
+                if write and not writable:
+                    raise VmError("write of %d bytes at %#x into read-only %s" % (size, addr, name))
+                return
+        raise VmError("%s of %d bytes at %#x is outside every region the program may access"
+                      % ("write" if write else "read", size, addr))
+
+    def read(self, addr: int, size: int) -> bytes:
+        self.check(addr, size, False)
+        return ctypes.string_at(addr, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.check(addr, len(data), True)
+        ctypes.memmove(addr, data, len(data))
+
+
+class Interpreter(EngineBase):
+    """Runs a program instruction by instruction in Python."""
+
+    name = "interp"
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.memory = Memory()
+        self._slots = isa.slot_index(program.insns)
+        self._index = {s: i for i, s in enumerate(self._slots)}
+        self._stack = ctypes.create_string_buffer(isa.STACK_SIZE * isa.MAX_CALL_DEPTH)
+        self.memory.add(ctypes.addressof(self._stack), len(self._stack), "stack")
+
+    def run_ptr(self, addr: int, size: int) -> int:
+        self.memory.add(addr, size, "context")
+        try:
+            return self._execute(addr, size)
+        finally:
+            self.memory.remove(addr) if size else None
+
+    def _execute(self, ctx: int, size: int) -> int:
+        insns, index, mem = self.program.insns, self._index, self.memory
+        regs = [0] * 11
+        regs[1], regs[2] = ctx & M64, size
+        regs[10] = ctypes.addressof(self._stack) + len(self._stack)
+        frames: list[tuple[int, list[int]]] = []  # (return slot, saved r6-r10)
+        pc = 0
+        while True:
+            insn = insns[index[pc]]
+            try:
+                nxt = self._step(insn, pc, regs, mem, frames)
+            except VmError as e:
+                raise VmError("insn #%d (%s): %s" % (pc, isa.disasm_insn(insn), e), pc) from None
+            if nxt is None:
+                if not frames:
+                    return regs[0] & M64
+                pc, saved = frames.pop()
+                regs[6:11] = saved
+                continue
+            pc = nxt
+
+    def _step(self, insn: Insn, pc: int, regs: list[int], mem: Memory, frames) -> int | None:
+        """Executes one instruction; returns the next slot, or None for exit."""
+        info = OPS[insn.opcode]
+        k = info.kind
+        nxt = pc + insn.slots
+        if k is Kind.ALU:
+            n = info.bits
+            src = regs[insn.src] if info.reg_src else insn.imm
+            a, b = regs[insn.dst] & _mask(n), src & _mask(n)
+            if info.op == 0xB0 and not info.reg_src and n == 64:
+                b = insn.imm & M64
+            regs[insn.dst] = ALU[info.op](a, b, n, insn.off) & _mask(n)
+        elif k is Kind.END:
+            v = regs[insn.dst]
+            swap = info.mnemonic != "le"
+            regs[insn.dst] = bswap(v, insn.imm) if swap else v & _mask(insn.imm)
+        elif k is Kind.LDDW:
+            regs[insn.dst] = insn.imm64
+        elif k is Kind.LDX:
+            data = mem.read((regs[insn.src] + insn.off) & M64, info.size)
+            value = int.from_bytes(data, "little")
+            regs[insn.dst] = sx(value, info.size * 8) & M64 if insn.opcode & 0xE0 == isa.MODE_MEMSX else value
+        elif k in (Kind.ST, Kind.STX):
+            value = insn.imm if k is Kind.ST else regs[insn.src]
+            addr = (regs[insn.dst] + insn.off) & M64
+            mem.write(addr, (value & _mask(info.size * 8)).to_bytes(info.size, "little"))
+        elif k is Kind.ATOMIC:
+            self._atomic(insn, info, regs, mem)
+        elif k is Kind.JA:
+            return isa.jump_target(insn, pc)
+        elif k is Kind.JCOND:
+            n = info.bits
+            b = regs[insn.src] if info.reg_src else insn.imm & M64
+            if JUMPS[info.op](regs[insn.dst] & _mask(n), b & _mask(n), n):
+                return isa.jump_target(insn, pc)
+        elif k is Kind.CALL and insn.src == isa.CALL_LOCAL:
+            if len(frames) + 1 >= isa.MAX_CALL_DEPTH:
+                raise VmError("call depth exceeds %d frames" % isa.MAX_CALL_DEPTH)
+            frames.append((nxt, regs[6:11]))
+            regs[10] = (regs[10] - isa.STACK_SIZE) & M64
+            return isa.jump_target(insn, pc)
+        elif k in (Kind.CALL, Kind.CALLX):
+            hid = insn.imm if k is Kind.CALL else regs[insn.dst]
+            helper = self.program.helpers.get(hid)
+            if helper is None:
+                raise VmError("call to unknown helper %d" % hid)
+            regs[0] = helper.py(mem, *regs[1:6]) & M64
+        elif k is Kind.EXIT:
+            return None
+        else:  # the verifier refuses everything else
+            raise VmError("instruction not supported by the interpreter")
+        return nxt
+
+    @staticmethod
+    def _atomic(insn: Insn, info, regs: list[int], mem: Memory) -> None:
+        size, bits = info.size, info.size * 8
+        addr = (regs[insn.dst] + insn.off) & M64
+        old = int.from_bytes(mem.read(addr, size), "little")
+        src = regs[insn.src] & _mask(bits)
+        op = insn.imm & ~isa.FETCH
+        if op == 0xF0:  # cmpxchg: r0 always gets the old value
+            if old == regs[0] & _mask(bits):
+                mem.write(addr, src.to_bytes(size, "little"))
+            regs[0] = old
+            return
+        mem.write(addr, (ATOMICS[op](old, src) & _mask(bits)).to_bytes(size, "little"))
+        if insn.imm & isa.FETCH:
+            regs[insn.src] = old
