@@ -1,0 +1,1 @@
+"""Bridge between hybrid's userspace engines and kernel eBPF objects (maps, programs)."""

@@ -1,0 +1,1 @@
+"""Kernel side of hybrid: loading and attaching programs through the bpf() syscall."""
