@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", help="write the bytecode here (default: standard output)")
     a.set_defaults(func=_asm)
 
-    r = sub.add_parser("run", help="verify and run raw bytecode once, print r0")
+    prog = sub.add_parser("prog", help="programs: run raw bytecode once")
+    prog_sub = prog.add_subparsers(dest="prog_command", required=True, metavar="ACTION")
+    r = prog_sub.add_parser("run", help="verify and run raw bytecode once, print r0")
     r.add_argument("file", help="bytecode file, or - for standard input")
     r.add_argument("--engine", choices=engines, default="jit")
     r.add_argument("--mem", help="input memory as hex bytes (r1 points at it, r2 is its length)")

@@ -98,4 +98,8 @@ def create_engine(kind: str, program: Program) -> Engine:
         module, cls = ENGINES[kind]
     except KeyError:
         raise EngineError("unknown engine %r (choose from %s)" % (kind, ", ".join(ENGINES))) from None
-    return getattr(importlib.import_module(module), cls)(program)
+    try:
+        engine_cls = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise EngineError("engine %r is not available: %s" % (kind, e)) from e
+    return engine_cls(program)

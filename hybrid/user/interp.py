@@ -136,8 +136,9 @@ class Interpreter(EngineBase):
 
     name = "interp"
 
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, *, max_steps: int | None = None):
         self.program = program
+        self.max_steps = max_steps  # None: run until exit (the verifier does not prove termination)
         self.memory = Memory()
         self._slots = isa.slot_index(program.insns)
         self._index = {s: i for i, s in enumerate(self._slots)}
@@ -158,7 +159,12 @@ class Interpreter(EngineBase):
         regs[10] = ctypes.addressof(self._stack) + len(self._stack)
         frames: list[tuple[int, list[int]]] = []  # (return slot, saved r6-r10)
         pc = 0
+        budget = self.max_steps
         while True:
+            if budget is not None:
+                if budget == 0:
+                    raise VmError("insn #%d: step limit of %d instructions reached" % (pc, self.max_steps), pc)
+                budget -= 1
             insn = insns[index[pc]]
             try:
                 nxt = self._step(insn, pc, regs, mem, frames)
