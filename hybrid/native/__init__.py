@@ -35,3 +35,8 @@ def helper_address(name: str) -> int:
     except AttributeError as e:
         raise EngineError(f"no native helper named {name!r}") from e
     return int(mod.ffi.cast("uintptr_t", fn))
+
+
+def module_path() -> str:
+    """File of the built native module (AOT libraries resolve their helpers against it)."""
+    return _native().__file__

@@ -11,6 +11,7 @@ instruction, never a crash.
 from __future__ import annotations
 
 import ctypes
+import errno
 from typing import Callable
 
 from hybrid.errors import VmError
@@ -222,9 +223,10 @@ class Interpreter(EngineBase):
         elif k in (Kind.CALL, Kind.CALLX):
             hid = insn.imm if k is Kind.CALL else regs[insn.dst]
             helper = self.program.helpers.get(hid)
-            if helper is None:
-                raise VmError("call to unknown helper %d" % hid)
-            regs[0] = helper.py(mem, *regs[1:6]) & M64
+            if helper is None:  # only callx gets here: as in native code, no call and r0 = -ENOENT
+                regs[0] = -errno.ENOENT & M64
+            else:
+                regs[0] = helper.py(mem, *regs[1:6]) & M64
         elif k is Kind.EXIT:
             return None
         else:  # the verifier refuses everything else
