@@ -101,6 +101,12 @@ def bswap(value: int, bits: int) -> int:
     return int.from_bytes((value & _mask(bits)).to_bytes(bits // 8, "little"), "big")
 
 
+# Code addresses (``lddw`` of a function) in the interpreter: a tag and the slot.
+# No real pointer has these top bits on x86-64, so a callback is never confused with memory.
+CODE_TAG = 0xC0DE << 48
+CODE_MASK = (1 << 48) - 1
+
+
 class Memory:
     """The regions a program may touch, checked on every access."""
 
@@ -145,27 +151,50 @@ class Interpreter(EngineBase):
         self._index = {s: i for i, s in enumerate(self._slots)}
         self._stack = ctypes.create_string_buffer(isa.STACK_SIZE * isa.MAX_CALL_DEPTH)
         self.memory.add(ctypes.addressof(self._stack), len(self._stack), "stack")
+        for region in program.regions:
+            self.memory.add(region.start, region.size, region.name, region.writable)
+        self._depth = 0
+        self._budget = max_steps
 
     def run_ptr(self, addr: int, size: int) -> int:
         self.memory.add(addr, size, "context")
         try:
-            return self._execute(addr, size)
+            self._depth = 0
+            self._budget = self.max_steps
+            return self._execute(0, (addr & M64, size, 0, 0, 0))
         finally:
             self.memory.remove(addr) if size else None
 
-    def _execute(self, ctx: int, size: int) -> int:
+    def call_function(self, address: int, *args: int) -> int:
+        """Call the subprogram whose code address (from ``lddw`` of a function) is ``address``.
+
+        This is how helpers such as ``bpf_loop`` call back into the program.
+        """
+        if address & ~CODE_MASK != CODE_TAG or (address & CODE_MASK) not in self._index:
+            raise VmError("%#x is not the address of a function of this program" % address)
+        return self._execute(address & CODE_MASK, (tuple(args) + (0,) * 5)[:5])
+
+    def _execute(self, pc: int, args: tuple[int, ...]) -> int:
+        """Runs from slot ``pc`` with r1-r5 = ``args`` in a new frame until its exit."""
         insns, index, mem = self.program.insns, self._index, self.memory
+        if self._depth >= isa.MAX_CALL_DEPTH:
+            raise VmError("call depth exceeds %d frames" % isa.MAX_CALL_DEPTH)
         regs = [0] * 11
-        regs[1], regs[2] = ctx & M64, size
-        regs[10] = ctypes.addressof(self._stack) + len(self._stack)
+        regs[1:6] = args
+        regs[10] = ctypes.addressof(self._stack) + len(self._stack) - self._depth * isa.STACK_SIZE
+        self._depth += 1
         frames: list[tuple[int, list[int]]] = []  # (return slot, saved r6-r10)
-        pc = 0
-        budget = self.max_steps
+        try:
+            return self._loop(pc, regs, frames, insns, index, mem)
+        finally:
+            self._depth -= 1 + len(frames)
+
+    def _loop(self, pc, regs, frames, insns, index, mem) -> int:
         while True:
-            if budget is not None:
-                if budget == 0:
+            if self._budget is not None:
+                if self._budget == 0:
                     raise VmError("insn #%d: step limit of %d instructions reached" % (pc, self.max_steps), pc)
-                budget -= 1
+                self._budget -= 1
             insn = insns[index[pc]]
             try:
                 nxt = self._step(insn, pc, regs, mem, frames)
@@ -175,6 +204,7 @@ class Interpreter(EngineBase):
                 if not frames:
                     return regs[0] & M64
                 pc, saved = frames.pop()
+                self._depth -= 1
                 regs[6:11] = saved
                 continue
             pc = nxt
@@ -196,7 +226,10 @@ class Interpreter(EngineBase):
             swap = info.mnemonic != "le"
             regs[insn.dst] = bswap(v, insn.imm) if swap else v & _mask(insn.imm)
         elif k is Kind.LDDW:
-            regs[insn.dst] = insn.imm64
+            if insn.src == isa.PSEUDO_FUNC:
+                regs[insn.dst] = CODE_TAG | isa.jump_target(insn, pc)
+            else:
+                regs[insn.dst] = self.program.lddw_value(insn)
         elif k is Kind.LDX:
             data = mem.read((regs[insn.src] + insn.off) & M64, info.size)
             value = int.from_bytes(data, "little")
@@ -215,9 +248,10 @@ class Interpreter(EngineBase):
             if JUMPS[info.op](regs[insn.dst] & _mask(n), b & _mask(n), n):
                 return isa.jump_target(insn, pc)
         elif k is Kind.CALL and insn.src == isa.CALL_LOCAL:
-            if len(frames) + 1 >= isa.MAX_CALL_DEPTH:
+            if self._depth >= isa.MAX_CALL_DEPTH:
                 raise VmError("call depth exceeds %d frames" % isa.MAX_CALL_DEPTH)
             frames.append((nxt, regs[6:11]))
+            self._depth += 1
             regs[10] = (regs[10] - isa.STACK_SIZE) & M64
             return isa.jump_target(insn, pc)
         elif k in (Kind.CALL, Kind.CALLX):

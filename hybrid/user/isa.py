@@ -355,9 +355,17 @@ def jump_target(insn: Insn, slot: int) -> int:
     info = OPS[insn.opcode]
     if info.kind is Kind.JA and info.cls == JMP32:
         return slot + 1 + insn.imm
-    if info.kind is Kind.CALL:
+    if info.kind in (Kind.CALL, Kind.LDDW):  # local call, or lddw of a code address (PSEUDO_FUNC)
         return slot + 1 + insn.imm
     return slot + 1 + insn.off
+
+
+def is_code_ref(insn: Insn) -> bool:
+    """A local call or an lddw of a code address: both name a subprogram by slot offset."""
+    info = OPS.get(insn.opcode)
+    if info is None:
+        return False
+    return (info.kind is Kind.CALL and insn.src == CALL_LOCAL) or (info.kind is Kind.LDDW and insn.src == PSEUDO_FUNC)
 
 
 # --- disassembler ------------------------------------------------------------

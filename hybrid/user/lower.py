@@ -90,13 +90,9 @@ def where(slot: int, insn: Insn) -> str:
     return "insn #%d (%s)" % (slot, isa.disasm_insn(insn))
 
 
-def _is_local_call(insn: Insn) -> bool:
-    return OPS[insn.opcode].kind is Kind.CALL and insn.src == isa.CALL_LOCAL
-
-
 def subprograms(insns: tuple[Insn, ...], slots: list[int]) -> list[Subprog]:
-    """Split the program at slot 0 and at every target of ``call local``."""
-    starts = {0} | {isa.jump_target(i, s) for s, i in zip(slots, insns) if _is_local_call(i)}
+    """Split the program at slot 0 and at every target of ``call local`` or ``lddw`` of a function."""
+    starts = {0} | {isa.jump_target(i, s) for s, i in zip(slots, insns) if isa.is_code_ref(i)}
     index = {s: n for n, s in enumerate(slots)}
     firsts = sorted(index[s] for s in starts)
     lasts = firsts[1:] + [len(insns)]
@@ -317,12 +313,18 @@ def lower_end(fr: Frame, insn: Insn) -> None:
 
 
 def lower_lddw(fr: Frame, insn: Insn) -> None:
+    if insn.src == isa.PSEUDO_FUNC:  # the address of a subprogram (a bpf_loop callback, ...)
+        fn = fr.mod.functions[isa.jump_target(insn, fr.slot)]
+        fr.write(insn.dst, fr.builder.ptrtoint(fn, I64))
+        return
     if insn.src == isa.PSEUDO_NONE:
         value = insn.imm64
-    elif fr.mod.resolve_lddw is None:
-        raise fr.error("lddw with src %d (map or BTF object) is not supported yet" % insn.src)
-    else:
+    elif fr.mod.resolve_lddw is not None:
         value = fr.mod.resolve_lddw(fr.slot, insn)
+    elif insn.imm in fr.mod.program.maps:
+        value = fr.mod.program.lddw_value(insn)
+    else:
+        raise fr.error("no map %d in this program" % insn.imm)
     fr.write(insn.dst, const(64, value))
 
 

@@ -57,9 +57,6 @@ def _check_fields(pc: int, insn: Insn) -> None:
         op2, regs2, off2, _ = insn.next_raw
         if op2 or regs2 or off2:
             raise _fail(pc, insn, "second slot of lddw must have opcode, registers and offset 0")
-        if insn.src not in (isa.PSEUDO_NONE,):
-            raise _fail(pc, insn, "lddw with src %d needs a map or BTF object, and this program has none"
-                        % insn.src)
     if info.kind is Kind.LEGACY:
         raise _fail(pc, insn, "legacy packet access (ld abs/ind) is not supported")
     if info.kind is Kind.CALL and insn.src == isa.CALL_KFUNC:
@@ -128,6 +125,7 @@ class _Checker:
         for pc, insn in zip(self.slots, self.insns):
             _check_fields(pc, insn)
             self.check_regs(pc, insn)
+            self.check_lddw(pc, insn)
             _check_stack(pc, insn)
             self.check_target(pc, insn)
             self.check_helper(pc, insn)
@@ -137,16 +135,36 @@ class _Checker:
         for sub in subs:
             self.check_init(sub)
 
+    def check_lddw(self, pc: int, insn: Insn) -> None:
+        """An lddw with a map source must name a map of the program (and a value inside it)."""
+        if OPS[insn.opcode].kind is not Kind.LDDW or insn.src == isa.PSEUDO_NONE:
+            return
+        if insn.src == isa.PSEUDO_FUNC:
+            return  # a code address: checked with the jumps
+        if insn.src not in (isa.PSEUDO_MAP_FD, isa.PSEUDO_MAP_VALUE, isa.PSEUDO_MAP_IDX, isa.PSEUDO_MAP_IDX_VALUE):
+            raise _fail(pc, insn, "lddw with src %d (BTF object) is not supported in userspace" % insn.src)
+        ref = self.prog.maps.get(insn.imm)
+        if ref is None:
+            known = ", ".join(str(k) for k in sorted(self.prog.maps)) or "none"
+            raise _fail(pc, insn, "lddw refers to map %d, which this program does not have (maps: %s)"
+                        % (insn.imm, known))
+        if insn.src in (isa.PSEUDO_MAP_VALUE, isa.PSEUDO_MAP_IDX_VALUE):
+            off = insn.imm_hi & 0xFFFFFFFF
+            if not ref.value_address:
+                raise _fail(pc, insn, "map %r has no directly addressable value" % ref.name)
+            if off >= ref.value_size:
+                raise _fail(pc, insn, "offset %d is outside the %d-byte value of map %r" % (off, ref.value_size, ref.name))
+
     def check_regs(self, pc: int, insn: Insn) -> None:
         if FP in _writes(insn):
             raise _fail(pc, insn, "r10 is read-only")
 
     def check_target(self, pc: int, insn: Insn) -> None:
         info = OPS[insn.opcode]
-        if info.kind not in (Kind.JA, Kind.JCOND) and not (info.kind is Kind.CALL and insn.src == isa.CALL_LOCAL):
+        if info.kind not in (Kind.JA, Kind.JCOND) and not isa.is_code_ref(insn):
             return
         target = isa.jump_target(insn, pc)
-        what = "call" if info.kind is Kind.CALL else "jump"
+        what = {Kind.CALL: "call", Kind.LDDW: "function address"}.get(info.kind, "jump")
         if not 0 <= target < self.nslots:
             raise _fail(pc, insn, "%s target %d out of range (program has %d slots)" % (what, target, self.nslots))
         if target not in self.at:
@@ -160,7 +178,7 @@ class _Checker:
     def subprograms(self) -> list[Subprog]:
         starts = {0}
         for pc, insn in zip(self.slots, self.insns):
-            if OPS[insn.opcode].kind is Kind.CALL and insn.src == isa.CALL_LOCAL:
+            if isa.is_code_ref(insn):
                 starts.add(isa.jump_target(insn, pc))
         ordered = sorted(starts)
         return [Subprog(s, e) for s, e in zip(ordered, ordered[1:] + [self.nslots])]

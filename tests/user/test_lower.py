@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import subprocess
@@ -289,9 +290,9 @@ def test_helper_writing_memory(engine):
 # --- refusals and engine life cycle -------------------------------------------------
 
 
-def test_lddw_pseudo_needs_a_resolver():
+def test_lddw_of_a_missing_map_is_refused():
     p = Program((isa.lddw(0, 3, src=isa.PSEUDO_MAP_FD), EXIT), "maps")
-    with pytest.raises(EngineError, match=r"insn #0 \(lddw %r0, map_fd\(3, 0\)\): .*not supported"):
+    with pytest.raises(EngineError, match=r"insn #0 \(lddw %r0, map_fd\(3, 0\)\): no map 3"):
         lower(p)
     text = str(lower(p, resolve_lddw=lambda slot, insn: 0xDEAD0000 + insn.imm))
     assert str(0xDEAD0003) in text
@@ -415,3 +416,32 @@ def test_jit_agrees_with_the_interpreter(inits, items):
     want = Interpreter(p).run()
     with LlvmJit(p) as e:
         assert e.run() == want, p.disasm()
+
+
+# --- lddw of maps and map values ---------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["interp", "jit", "aot"])
+def test_lddw_map_forms_on_every_engine(engine):
+    from hybrid.user.asm import assemble
+    from hybrid.user.engine import create_engine
+    from hybrid.user.program import MapRef, MemRegion
+
+    header = ctypes.create_string_buffer(64)
+    value = ctypes.create_string_buffer(32)
+    value[8:16] = (41).to_bytes(8, "little")
+    ref = MapRef("counters", ctypes.addressof(header), 32, ctypes.addressof(value))
+    code = (
+        isa.encode([isa.Insn(0x18, 1, isa.PSEUDO_MAP_VALUE, 0, 7, 8)])  # &value + 8 of map 7
+        + assemble("ldxdw %r0, [%r1]\nadd %r0, 1\nstxdw [%r1], %r0")
+        + isa.encode([isa.lddw(2, 7, src=isa.PSEUDO_MAP_FD)])
+        + assemble("ldxb %r3, [%r2]\nadd %r0, %r3\nexit")
+    )
+    header[0] = 100
+    regions = (MemRegion(ctypes.addressof(header), 64, "map header", False),
+               MemRegion(ctypes.addressof(value), 32, "map value"))
+    prog = Program.load(code, maps={7: ref}, regions=regions)
+    with create_engine(engine, prog) as eng:
+        assert eng.run() == 142
+        assert eng.run() == 143
+    assert int.from_bytes(value[8:16], "little") == 43

@@ -80,7 +80,24 @@ def test_bad_atomic_and_endian_immediates():
 
 def test_lddw_map_forms_need_maps():
     code = isa.encode([isa.lddw(1, 3, src=isa.PSEUDO_MAP_FD)]) + assemble("mov %r0, 0\nexit")
-    assert "insn #0 (lddw %r1, map_fd(3, 0)): lddw with src 1 needs a map" in refused(code)
+    assert ("insn #0 (lddw %r1, map_fd(3, 0)): lddw refers to map 3, which this program does not have (maps: none)"
+            in refused(code))
+
+
+def test_lddw_map_value_must_stay_inside_the_value():
+    from hybrid.user.program import MapRef
+
+    code = isa.encode([isa.Insn(0x18, 1, isa.PSEUDO_MAP_VALUE, 0, 3, 16)]) + assemble("mov %r0, 0\nexit")
+    with pytest.raises(VerifierError, match="offset 16 is outside the 16-byte value of map 'm'"):
+        Program.load(code, maps={3: MapRef("m", 0x1000, 16, 0x2000)})
+    with pytest.raises(VerifierError, match="map 'h' has no directly addressable value"):
+        Program.load(code, maps={3: MapRef("h", 0x1000, 64)})
+    Program.load(code, maps={3: MapRef("m", 0x1000, 32, 0x2000)})
+
+
+def test_lddw_btf_object_is_refused():
+    code = isa.encode([isa.lddw(1, 3, src=isa.PSEUDO_BTF_ID)]) + assemble("mov %r0, 0\nexit")
+    assert "lddw with src 3 (BTF object) is not supported in userspace" in refused(code)
 
 
 def test_lddw_second_slot_must_be_clean():
