@@ -46,3 +46,40 @@ class EngineError(HybridError):
 
 class ConformanceFormatError(HybridError):
     """A conformance ``.data`` file that cannot be parsed."""
+
+
+class MapError(HybridError):
+    """A map operation failed; ``errno`` is the kernel's error number.
+
+    The message names the map, the operation and the reason:
+    ``MapError: map 'counts' (hash) update: [E2BIG] map is full (max_entries 16)``
+    """
+
+    def __init__(self, errno: int, map: str | None, op: str, detail: str | None = None):
+        import errno as _errno
+        import os as _os
+
+        self.errno = errno
+        self.map = map
+        self.op = op
+        self.detail = detail
+        code = _errno.errorcode.get(errno, str(errno))
+        what = "map %r %s" % (map, op) if map is not None else op
+        super().__init__("%s: [%s] %s" % (what, code, detail or _os.strerror(errno)))
+
+    def __reduce__(self):  # picklable across processes despite the custom signature
+        return (type(self), (self.errno, self.map, self.op, self.detail))
+
+
+class ElfError(HybridError):
+    """An eBPF object file that cannot be loaded; names the section, symbol or offset.
+
+    ``ElfError: t.bpf.o: section 'kprobe/x', insn #12: relocation against undefined symbol 'foo'``
+    """
+
+
+class BtfError(HybridError):
+    """BTF or BTF.ext data that cannot be parsed or used; names the offset or type id.
+
+    ``BtfError: .BTF: type id 17 (at offset 0x1a4): unknown kind 31``
+    """

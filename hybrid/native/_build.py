@@ -2,8 +2,8 @@
 
 Used by setup.py through ``cffi_modules``; can also be run by hand
 (``python hybrid/native/_build.py``) to build the module in place.
-The cdef is the block between the ``cdef-begin``/``cdef-end`` markers of
-runtime.h, so the prototypes are written once.
+The cdef is the blocks between the ``cdef-begin``/``cdef-end`` markers of
+the headers, so the prototypes are written once.
 """
 
 from __future__ import annotations
@@ -15,8 +15,29 @@ from cffi import FFI
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cdef() -> str:
-    with open(os.path.join(_HERE, "runtime.h"), encoding="utf-8") as f:
+def _read(name: str) -> str:
+    with open(os.path.join(_HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def _listed(ext: str, marked: bool = False) -> tuple[str, ...]:
+    """Every ``*.ext`` here (runtime first, then by name); with ``marked``, only files with a cdef block."""
+    names = sorted(n for n in os.listdir(_HERE) if n.endswith(ext))
+    if marked:
+        names = [n for n in names if "/* cdef-begin */" in _read(n)]
+    return tuple(sorted(names, key=lambda n: (not n.startswith("runtime."), n)))
+
+
+# Every .c file is compiled; every header with cdef markers is in the cdef and included.
+HEADERS = _listed(".h", marked=True)
+SOURCES = _listed(".c")
+
+# Python functions C calls back (consumers of ring buffers and perf buffers).
+CALLBACKS = 'extern "Python" int _hybrid_py_sample(void *ctx, void *data, uint32_t size);'
+
+
+def _cdef(header: str) -> str:
+    with open(os.path.join(_HERE, header), encoding="utf-8") as f:
         text = f.read()
     begin = text.index("/* cdef-begin */") + len("/* cdef-begin */")
     end = text.index("/* cdef-end */")
@@ -29,11 +50,11 @@ def _rel(path: str) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(_cdef())
+ffibuilder.cdef("\n".join(_cdef(h) for h in HEADERS) + "\n" + CALLBACKS)
 ffibuilder.set_source(
     "hybrid._native",
-    '#include "runtime.h"',
-    sources=[_rel(os.path.join(_HERE, "runtime.c"))],
+    "".join('#include "%s"\n' % h for h in HEADERS),
+    sources=[_rel(os.path.join(_HERE, s)) for s in SOURCES],
     include_dirs=[_rel(_HERE)],
     extra_compile_args=["-O2", "-Wall"],
 )

@@ -151,6 +151,7 @@ class Interpreter(EngineBase):
         self._index = {s: i for i, s in enumerate(self._slots)}
         self._stack = ctypes.create_string_buffer(isa.STACK_SIZE * isa.MAX_CALL_DEPTH)
         self.memory.add(ctypes.addressof(self._stack), len(self._stack), "stack")
+        self.memory.call_function = self.call_function  # helpers such as bpf_loop call back through it
         for region in program.regions:
             self.memory.add(region.start, region.size, region.name, region.writable)
         self._depth = 0
@@ -254,6 +255,8 @@ class Interpreter(EngineBase):
             self._depth += 1
             regs[10] = (regs[10] - isa.STACK_SIZE) & M64
             return isa.jump_target(insn, pc)
+        elif isa.is_core_poison(insn):
+            raise VmError("reached an instruction whose CO-RE relocation failed (libbpf's poison call)")
         elif k in (Kind.CALL, Kind.CALLX):
             hid = insn.imm if k is Kind.CALL else regs[insn.dst]
             helper = self.program.helpers.get(hid)

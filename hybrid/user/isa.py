@@ -43,6 +43,11 @@ PSEUDO_MAP_IDX_VALUE = 6
 # src field of call
 CALL_HELPER, CALL_LOCAL, CALL_KFUNC = 0, 1, 2
 
+# ``call 0xbad2310``: what libbpf writes over an instruction whose CO-RE
+# relocation failed.  Loading is fine (clang guards such code with
+# bpf_core_field_exists and the like); reaching it at run time is not.
+CORE_POISON_HELPER = 0xBAD2310
+
 # atomic operations (imm field of 0xc3/0xdb)
 FETCH = 0x01
 ATOMIC_OPS = {
@@ -360,6 +365,12 @@ def jump_target(insn: Insn, slot: int) -> int:
     return slot + 1 + insn.off
 
 
+def is_core_poison(insn: Insn) -> bool:
+    """The call libbpf leaves where a CO-RE relocation failed."""
+    info = OPS.get(insn.opcode)
+    return info is not None and info.kind is Kind.CALL and insn.src == CALL_HELPER and insn.imm == CORE_POISON_HELPER
+
+
 def is_code_ref(insn: Insn) -> bool:
     """A local call or an lddw of a code address: both name a subprogram by slot offset."""
     info = OPS.get(insn.opcode)
@@ -407,7 +418,8 @@ def disasm_insn(insn: Insn) -> str:
         if insn.src == PSEUDO_NONE:
             return "lddw %s, 0x%x" % (_reg(insn.dst), insn.imm64)
         pseudo = {1: "map_fd", 2: "map_value", 3: "btf_id", 4: "func", 5: "map_idx", 6: "map_idx_value"}
-        return "lddw %s, %s(%d, %d)" % (_reg(insn.dst), pseudo[insn.src], insn.imm, insn.imm_hi)
+        kind = pseudo.get(insn.src, "src%d" % insn.src)
+        return "lddw %s, %s(%d, %d)" % (_reg(insn.dst), kind, insn.imm, insn.imm_hi)
     if k is Kind.LDX:
         return "%s %s, %s" % (info.mnemonic, _reg(insn.dst), _mem(insn.src, insn.off))
     if k is Kind.ST:

@@ -111,7 +111,7 @@ def leaders(insns: tuple[Insn, ...], slots: list[int], sub: Subprog) -> list[int
         kind = OPS[insns[n].opcode].kind
         if kind in (Kind.JA, Kind.JCOND):
             out.add(isa.jump_target(insns[n], slots[n]))
-        if kind in (Kind.JA, Kind.JCOND, Kind.EXIT) and n + 1 < sub.last:
+        if (kind in (Kind.JA, Kind.JCOND, Kind.EXIT) or isa.is_core_poison(insns[n])) and n + 1 < sub.last:
             out.add(slots[n + 1])
     return sorted(out & own)
 
@@ -433,7 +433,15 @@ def _call_with_args(fr: Frame, fn: ir.Function) -> ir.Value:
     return fr.builder.call(fn, args)
 
 
+# A failed CO-RE relocation reached at run time (libbpf's poison call): the
+# subprogram returns -EINVAL at once.  (The interpreter raises VmError.)
+CORE_POISON_RESULT = -errno.EINVAL
+
+
 def lower_call(fr: Frame, insn: Insn) -> None:
+    if isa.is_core_poison(insn):
+        fr.builder.ret(const(64, CORE_POISON_RESULT))
+        return
     if insn.src == isa.CALL_LOCAL:
         fn = fr.mod.functions[isa.jump_target(insn, fr.slot)]
     elif insn.src == isa.CALL_HELPER:

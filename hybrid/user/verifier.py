@@ -172,6 +172,8 @@ class _Checker:
 
     def check_helper(self, pc: int, insn: Insn) -> None:
         info = OPS[insn.opcode]
+        if isa.is_core_poison(insn):
+            return  # a failed CO-RE relocation: legal where it is never reached (see successors)
         if info.kind is Kind.CALL and insn.src == isa.CALL_HELPER and insn.imm not in self.prog.helpers:
             raise _fail(pc, insn, "unknown helper %d" % insn.imm)
 
@@ -187,7 +189,7 @@ class _Checker:
         for sub in subs:
             last_pc = max(s for s in self.slots if s < sub.end)
             last = self.insns[self.at[last_pc]]
-            if OPS[last.opcode].kind not in (Kind.EXIT, Kind.JA):
+            if OPS[last.opcode].kind not in (Kind.EXIT, Kind.JA) and not isa.is_core_poison(last):
                 raise _fail(last_pc, last, "the last instruction of %s must be exit or a jump"
                             % ("the program" if sub.end == self.nslots else "subprogram at insn #%d" % sub.start))
             for pc in self.pcs(sub):
@@ -253,8 +255,8 @@ class _Checker:
 
     def successors(self, pc: int, insn: Insn) -> list[int]:
         kind = OPS[insn.opcode].kind
-        if kind is Kind.EXIT:
-            return []
+        if kind is Kind.EXIT or isa.is_core_poison(insn):
+            return []  # a poisoned instruction traps: nothing runs after it
         if kind is Kind.JA:
             return [isa.jump_target(insn, pc)]
         nxt = pc + insn.slots

@@ -1,0 +1,1964 @@
+/*
+ * maps.c - eBPF maps in shared memory: regions, every map type except the
+ * rings (ring.c), the map helpers, and test/benchmark drivers.
+ *
+ * Layout of each type after its header (offsets relative to the header):
+ *
+ *   ARRAY                off_a: max_entries values, `stride` bytes each
+ *   PERCPU_ARRAY         off_a: nr_cpus planes of `plane` bytes, value i of
+ *                        CPU c at off_a + c * plane + i * stride (no false
+ *                        sharing between CPUs)
+ *   PROG_ARRAY,          off_a: max_entries u64 slots, 0 = empty, else
+ *   ARRAY_OF_MAPS          prog id + 1 / the inner map's region offset
+ *   HASH family          off_a: n_buckets struct hbucket (power of two >=
+ *   (HASH, PERCPU_HASH,    max_entries); off_b: nelems struct helem; off_c:
+ *   LRU_*, LPM_TRIE,       per-CPU planes (per-CPU types) or the LPM
+ *   HASH_OF_MAPS)          per-prefix-length counters
+ *   STACK_TRACE          off_a: n_buckets struct stackslot of elem_size
+ *   QUEUE, STACK         off_a: max_entries + 1 slots (kernel's circular buffer)
+ *   BLOOM_FILTER         off_a: the bit array (mask + 1 bits)
+ *   RINGBUF, PERF_...    ring.c
+ *
+ * Hash maps.  Every element is preallocated (BPF_F_NO_PREALLOC is accepted
+ * and ignored).  The pool holds max_entries + nr_cpus + 8 elements; the
+ * extra ones let an update of an existing key build the new element and
+ * swap it in (the kernel's semantics: a concurrent lookup copy sees the old
+ * or the new value, never a mix).  Free elements are on a lock-free Treiber
+ * stack (tagged head: no ABA); the live count is an atomic, so -E2BIG is
+ * exact.  Each bucket has a sequence lock: writers take it, lookups do not
+ * write shared memory at all (read, then retry if the sequence changed), so
+ * concurrent lookups scale.  A chain is walked through indices that are
+ * bounds-checked, so a torn read during a concurrent update is harmless.
+ *
+ * LRU hashes never fail with E2BIG: when full, an update evicts with the
+ * CLOCK algorithm (an accessed bit per element, set by program lookups and
+ * updates like the kernel's ref bit, cleared as the shared clock hand
+ * passes; the first element found with the bit clear is evicted).  Like the
+ * kernel, elements are reused: a program that keeps a value pointer from
+ * lookup across a delete may see the element's next life.
+ *
+ * Differences from the kernel (besides being userspace):
+ *   - map-in-map values are region offsets of inner maps in the same region
+ *     (the kernel takes a map fd); the C update takes a u64 offset.
+ *   - PROG_ARRAY values are program ids registered with hybrid_prog_register.
+ *   - LPM_TRIE is a hash table per prefix length probed from the longest
+ *     (same answers as the kernel's trie); keys are stored with the bits
+ *     after the prefix cleared, and iteration order is unspecified.
+ *     BPF_F_NO_PREALLOC is required, as by the kernel.
+ *   - STACK_TRACE stores instruction pointers only (no BPF_F_STACK_BUILD_ID);
+ *     hybrid_stackmap_store gets the already skipped trace.
+ *   - PERF_EVENT_ARRAY's map_extra is the per-entry ring size (see ring.c).
+ *   - LRU with BPF_F_NO_PREALLOC is -EINVAL (the kernel says -ENOTSUPP).
+ */
+#include "maps_impl.h"
+
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+_Static_assert(offsetof(struct hybrid_map, mask) == 64, "line 0 of the map header is the hot config");
+_Static_assert(sizeof(struct hybrid_region) == 64, "region header");
+_Static_assert(sizeof(struct hybrid_ring) == HYBRID_RING_DATA_OFF, "ring header");
+
+#define HDR_SIZE ((uint64_t)sizeof(struct hybrid_map))
+#define NEG(e) ((uint64_t)(int64_t)(e))
+
+/* ------------------------------------------------------------------------ */
+/* type families                                                             */
+
+static inline int is_hash(uint32_t t)
+{
+    return t == BPF_MAP_TYPE_HASH || t == BPF_MAP_TYPE_PERCPU_HASH || t == BPF_MAP_TYPE_LRU_HASH ||
+           t == BPF_MAP_TYPE_LRU_PERCPU_HASH || t == BPF_MAP_TYPE_LPM_TRIE || t == BPF_MAP_TYPE_HASH_OF_MAPS;
+}
+
+static inline int is_lru(uint32_t t)
+{
+    return t == BPF_MAP_TYPE_LRU_HASH || t == BPF_MAP_TYPE_LRU_PERCPU_HASH;
+}
+
+static inline int is_percpu(uint32_t t)
+{
+    return t == BPF_MAP_TYPE_PERCPU_HASH || t == BPF_MAP_TYPE_LRU_PERCPU_HASH || t == BPF_MAP_TYPE_PERCPU_ARRAY;
+}
+
+static inline int is_fd_array(uint32_t t)
+{
+    return t == BPF_MAP_TYPE_PROG_ARRAY || t == BPF_MAP_TYPE_ARRAY_OF_MAPS || t == BPF_MAP_TYPE_PERF_EVENT_ARRAY;
+}
+
+static inline int is_array(uint32_t t)
+{
+    return t == BPF_MAP_TYPE_ARRAY || t == BPF_MAP_TYPE_PERCPU_ARRAY || is_fd_array(t);
+}
+
+/* ------------------------------------------------------------------------ */
+/* layout                                                                    */
+
+struct layout {
+    uint64_t size, off_a, off_b, off_c, plane;
+    uint32_t stride, mask, elem_size, nelems, aux;
+};
+
+static int check_flags(uint32_t flags, uint32_t allowed)
+{
+    return (flags & ~allowed) ? -EINVAL : 0;
+}
+
+static int layout_hash(uint32_t type, uint32_t ks, uint32_t vs, uint32_t max, uint32_t flags,
+                       uint32_t ncpu, struct layout *L)
+{
+    uint32_t allowed = BPF_F_NO_PREALLOC | BPF_F_NUMA_NODE | BPF_F_ZERO_SEED | BPF_F_ACCESS_MASK;
+    int pcpu = is_percpu(type);
+    uint64_t nb, rk;
+
+    if (is_lru(type)) {
+        allowed = (allowed & ~BPF_F_NO_PREALLOC) | BPF_F_NO_COMMON_LRU;
+    } else if (type == BPF_MAP_TYPE_LPM_TRIE) {
+        allowed = BPF_F_NO_PREALLOC | BPF_F_NUMA_NODE | BPF_F_ACCESS_MASK;
+        if (!(flags & BPF_F_NO_PREALLOC))
+            return -EINVAL;
+        if (ks < 4 + 1 || ks > 4 + HYBRID_LPM_DATA_MAX)
+            return -EINVAL;
+        L->aux = (ks - 4) * 8;
+    } else if (type == BPF_MAP_TYPE_HASH_OF_MAPS) {
+        if (vs != 4)
+            return -EINVAL;
+    }
+    if (check_flags(flags, allowed))
+        return -EINVAL;
+    if (ks == 0 || vs == 0 || max == 0)
+        return -EINVAL;
+    if (ks > HYBRID_MAX_KEY_SIZE || vs > HYBRID_MAX_VALUE_SIZE || max > HYBRID_MAX_ENTRIES)
+        return -E2BIG;
+    if (pcpu && vs > HYBRID_MAX_PERCPU_VALUE_SIZE)
+        return -E2BIG;
+    nb = roundup_pow2(max);
+    rk = round_up(ks, 8);
+    L->stride = type == BPF_MAP_TYPE_HASH_OF_MAPS ? 8 : (uint32_t)round_up(vs, 8);
+    L->mask = (uint32_t)(nb - 1);
+    L->nelems = max + ncpu + 8;
+    L->elem_size = (uint32_t)(sizeof(struct helem) + rk + (pcpu ? 0 : L->stride));
+    L->off_a = HDR_SIZE;
+    L->off_b = round_up(L->off_a + nb * sizeof(struct hbucket), CACHELINE);
+    L->off_c = round_up(L->off_b + (uint64_t)L->nelems * L->elem_size, CACHELINE);
+    L->size = L->off_c;
+    if (pcpu) {
+        L->plane = round_up((uint64_t)L->nelems * L->stride, CACHELINE);
+        L->size += L->plane * ncpu;
+    } else if (type == BPF_MAP_TYPE_LPM_TRIE) {
+        L->size += round_up((L->aux + 1) * 4ull, 8);
+    }
+    return 0;
+}
+
+static int layout(uint32_t type, uint32_t ks, uint32_t vs, uint32_t max, uint32_t flags, uint64_t extra,
+                  uint32_t ncpu, struct layout *L)
+{
+    memset(L, 0, sizeof(*L));
+    if (ncpu == 0 || ncpu > 65536)
+        return -EINVAL;
+    if (extra && type != BPF_MAP_TYPE_BLOOM_FILTER && type != BPF_MAP_TYPE_PERF_EVENT_ARRAY)
+        return -EINVAL;
+    switch (type) {
+    case BPF_MAP_TYPE_ARRAY:
+    case BPF_MAP_TYPE_PERCPU_ARRAY:
+        if (check_flags(flags, BPF_F_NUMA_NODE | BPF_F_ACCESS_MASK | BPF_F_PRESERVE_ELEMS | BPF_F_INNER_MAP |
+                                   (type == BPF_MAP_TYPE_ARRAY ? BPF_F_MMAPABLE : 0)))
+            return -EINVAL;
+        if (ks != 4 || vs == 0 || max == 0)
+            return -EINVAL;
+        if (vs > HYBRID_MAX_VALUE_SIZE || max > HYBRID_MAX_ENTRIES ||
+            (type == BPF_MAP_TYPE_PERCPU_ARRAY && vs > HYBRID_MAX_PERCPU_VALUE_SIZE))
+            return -E2BIG;
+        L->stride = (uint32_t)round_up(vs, 8);
+        L->off_a = HDR_SIZE;
+        if (type == BPF_MAP_TYPE_ARRAY) {
+            L->size = L->off_a + (uint64_t)max * L->stride;
+        } else {
+            L->plane = round_up((uint64_t)max * L->stride, CACHELINE);
+            L->size = L->off_a + L->plane * ncpu;
+        }
+        return 0;
+    case BPF_MAP_TYPE_PROG_ARRAY:
+    case BPF_MAP_TYPE_ARRAY_OF_MAPS:
+        if (check_flags(flags, BPF_F_NUMA_NODE | BPF_F_ACCESS_MASK | BPF_F_INNER_MAP))
+            return -EINVAL;
+        if (ks != 4 || vs != 4 || max == 0)
+            return -EINVAL;
+        if (max > HYBRID_MAX_ENTRIES)
+            return -E2BIG;
+        L->stride = 8;
+        L->off_a = HDR_SIZE;
+        L->size = L->off_a + (uint64_t)max * 8;
+        return 0;
+    case BPF_MAP_TYPE_PERF_EVENT_ARRAY:
+    case BPF_MAP_TYPE_RINGBUF:
+        if (type == BPF_MAP_TYPE_PERF_EVENT_ARRAY &&
+            check_flags(flags, BPF_F_NUMA_NODE | BPF_F_ACCESS_MASK | BPF_F_PRESERVE_ELEMS))
+            return -EINVAL;
+        if (type == BPF_MAP_TYPE_RINGBUF && check_flags(flags, BPF_F_NUMA_NODE))
+            return -EINVAL;
+        {
+            struct hybrid_map tmp;
+            int64_t size;
+
+            memset(&tmp, 0, sizeof(tmp));
+            if (type == BPF_MAP_TYPE_PERF_EVENT_ARRAY && (ks != 4 || vs != 4))
+                return -EINVAL;
+            if (type == BPF_MAP_TYPE_RINGBUF && (ks != 0 || vs != 0))
+                return -EINVAL;
+            size = hybrid_ring_layout(type, max, extra, &tmp);
+            if (size < 0)
+                return (int)size;
+            L->size = (uint64_t)size;
+            L->off_a = tmp.off_a;
+            L->elem_size = tmp.elem_size;
+            L->aux = tmp.aux;
+            L->mask = tmp.mask;
+            return 0;
+        }
+    case BPF_MAP_TYPE_STACK_TRACE:
+        if (check_flags(flags, BPF_F_NUMA_NODE | BPF_F_ACCESS_MASK))
+            return -EINVAL;
+        if (ks != 4 || vs < 8 || vs % 8 || max == 0)
+            return -EINVAL;
+        if (vs / 8 > 1024 || max > HYBRID_MAX_ENTRIES)
+            return -E2BIG;
+        {
+            uint64_t nb = roundup_pow2(max);
+
+            L->mask = (uint32_t)(nb - 1);
+            L->elem_size = (uint32_t)(sizeof(struct stackslot) + vs);
+            L->off_a = HDR_SIZE;
+            L->size = L->off_a + nb * L->elem_size;
+        }
+        return 0;
+    case BPF_MAP_TYPE_QUEUE:
+    case BPF_MAP_TYPE_STACK:
+        if (check_flags(flags, BPF_F_NUMA_NODE | BPF_F_ACCESS_MASK))
+            return -EINVAL;
+        if (ks != 0 || vs == 0 || max == 0)
+            return -EINVAL;
+        if (vs > HYBRID_MAX_VALUE_SIZE || max > HYBRID_MAX_ENTRIES)
+            return -E2BIG;
+        L->stride = (uint32_t)round_up(vs, 8);
+        L->off_a = HDR_SIZE;
+        L->size = L->off_a + ((uint64_t)max + 1) * L->stride;
+        return 0;
+    case BPF_MAP_TYPE_BLOOM_FILTER: {
+        uint64_t nr_hashes, nbits;
+
+        if (check_flags(flags, BPF_F_NUMA_NODE | BPF_F_ZERO_SEED | BPF_F_ACCESS_MASK))
+            return -EINVAL;
+        if (ks != 0 || vs == 0 || max == 0 || (extra & ~0xfull))
+            return -EINVAL;
+        if (vs > HYBRID_MAX_VALUE_SIZE)
+            return -E2BIG;
+        nr_hashes = (extra & 0xf) ? (extra & 0xf) : 5;
+        /* the kernel's sizing: n * k / ln 2, with 7/5 for 1/ln 2, at least 64 bits */
+        nbits = (uint64_t)max * nr_hashes;
+        nbits = nbits / 5 * 7;
+        if (nbits > (1ull << 31))
+            nbits = 1ull << 32;
+        else if (nbits <= 64)
+            nbits = 64;
+        else
+            nbits = roundup_pow2(nbits);
+        L->aux = (uint32_t)nr_hashes;
+        L->mask = (uint32_t)(nbits - 1);
+        L->off_a = HDR_SIZE;
+        L->size = L->off_a + nbits / 8;
+        return 0;
+    }
+    default:
+        if (is_hash(type))
+            return layout_hash(type, ks, vs, max, flags, ncpu, L);
+        return -EINVAL;
+    }
+}
+
+int64_t hybrid_map_size(uint32_t type, uint32_t key_size, uint32_t value_size, uint32_t max_entries,
+                        uint32_t map_flags, uint64_t map_extra, uint32_t nr_cpus)
+{
+    struct layout L;
+    int err = layout(type, key_size, value_size, max_entries, map_flags, map_extra, nr_cpus, &L);
+
+    if (err)
+        return err;
+    return (int64_t)round_up(L.size, CACHELINE);
+}
+
+/* ------------------------------------------------------------------------ */
+/* hash element access                                                       */
+
+static inline struct hbucket *hbucket(const struct hybrid_map *m, uint32_t h)
+{
+    return (struct hbucket *)((char *)m + m->off_a) + (h & m->mask);
+}
+
+static inline struct helem *helem(const struct hybrid_map *m, uint32_t idx)
+{
+    return (struct helem *)((char *)m + m->off_b + (uint64_t)idx * m->elem_size);
+}
+
+static inline void *helem_value(const struct hybrid_map *m, struct helem *e)
+{
+    return e->key + (size_t)m->key_words * 8;
+}
+
+static inline void *pcpu_value(const struct hybrid_map *m, uint32_t idx, uint32_t cpu)
+{
+    return (char *)m + m->off_c + (uint64_t)cpu * m->plane + (uint64_t)idx * m->stride;
+}
+
+static inline uint32_t hash_key(const struct hybrid_map *m, const void *key)
+{
+    return (uint32_t)hash_bytes(key, m->key_size, m->seed);
+}
+
+static inline int key_eq(const void *a, const void *b, uint32_t ks)
+{
+    if (ks == 4) {
+        uint32_t x, y;
+
+        memcpy(&x, a, 4);
+        memcpy(&y, b, 4);
+        return x == y;
+    }
+    if (ks == 8) {
+        uint64_t x, y;
+
+        memcpy(&x, a, 8);
+        memcpy(&y, b, 8);
+        return x == y;
+    }
+    return memcmp(a, b, ks) == 0;
+}
+
+/* Bytes a hash element's value holds (map-in-map: the inner map's offset). */
+static inline uint32_t stored_size(const struct hybrid_map *m)
+{
+    return m->type == BPF_MAP_TYPE_HASH_OF_MAPS ? 8 : m->value_size;
+}
+
+/* --- freelist: lock-free Treiber stack with a 32-bit ABA tag -------------- */
+
+static int64_t pop_free(struct hybrid_map *m)
+{
+    uint64_t old = LOAD_ACQ(&m->a.head), neu;
+    uint32_t i, nxt;
+
+    for (;;) {
+        i = (uint32_t)old;
+        if (i == 0 || i > m->nelems)
+            return -1;
+        nxt = LOAD(&helem(m, i - 1)->next);
+        neu = (((old >> 32) + 1) << 32) | nxt;
+        if (__atomic_compare_exchange_n(&m->a.head, &old, neu, 1, __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE))
+            break;
+    }
+    STORE(&helem(m, i - 1)->state, ELEM_ALLOC);
+    return i - 1;
+}
+
+static void push_free(struct hybrid_map *m, uint32_t idx)
+{
+    struct helem *e = helem(m, idx);
+    uint64_t old = LOAD(&m->a.head), neu;
+
+    STORE(&e->state, ELEM_FREE);
+    do {
+        STORE(&e->next, (uint32_t)old);
+        neu = (((old >> 32) + 1) << 32) | (idx + 1);
+    } while (!__atomic_compare_exchange_n(&m->a.head, &old, neu, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+}
+
+static int count_inc_below(struct hybrid_map *m)
+{
+    uint32_t c = LOAD(&m->a.count);
+
+    do {
+        if (c >= m->max_entries)
+            return 0;
+    } while (!__atomic_compare_exchange_n(&m->a.count, &c, c + 1, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return 1;
+}
+
+static inline void count_dec(struct hybrid_map *m)
+{
+    __atomic_fetch_sub(&m->a.count, 1, __ATOMIC_RELAXED);
+}
+
+/* --- chains ------------------------------------------------------------------ */
+
+/* Walks a chain without the lock; the caller validates with the sequence. */
+static inline int64_t chain_find(const struct hybrid_map *m, const struct hbucket *b, const void *key, uint32_t h)
+{
+    uint32_t i = LOAD(&b->head), steps = 0;
+
+    while (i) {
+        struct helem *e;
+
+        if (unlikely(i > m->nelems || ++steps > m->nelems))
+            return -1;
+        e = helem(m, i - 1);
+        if (LOAD(&e->hash) == h && key_eq(e->key, key, m->key_size))
+            return i - 1;
+        i = LOAD(&e->next);
+    }
+    return -1;
+}
+
+/* Same, with the bucket locked; *link is the word that points at the match. */
+static int64_t chain_find_locked(const struct hybrid_map *m, struct hbucket *b, const void *key, uint32_t h,
+                                 uint32_t **link)
+{
+    uint32_t *l = &b->head, i, steps = 0;
+
+    while ((i = LOAD(l)) != 0) {
+        struct helem *e;
+
+        if (unlikely(i > m->nelems || ++steps > m->nelems))
+            break;
+        e = helem(m, i - 1);
+        if (e->hash == h && key_eq(e->key, key, m->key_size)) {
+            *link = l;
+            return i - 1;
+        }
+        l = &e->next;
+    }
+    *link = NULL;
+    return -1;
+}
+
+enum { COPY_NONE, COPY_VALUE, COPY_PERCPU };
+
+/* Finds key; with `out`, copies the value(s) inside the read section, so the
+ * copy is a consistent snapshot.  Returns the element index or -1. */
+static int64_t htab_read(const struct hybrid_map *m, const void *key, uint32_t h, void *out, int copy)
+{
+    const struct hbucket *b = hbucket(m, h);
+    int64_t idx;
+    uint32_t s;
+
+    do {
+        s = seq_read_begin(&b->seq);
+        idx = chain_find(m, b, key, h);
+        if (idx >= 0 && copy == COPY_VALUE) {
+            memcpy(out, helem_value(m, helem(m, (uint32_t)idx)), stored_size(m));
+        } else if (idx >= 0 && copy == COPY_PERCPU) {
+            for (uint32_t c = 0; c < m->nr_cpus; c++)
+                memcpy((char *)out + (size_t)c * m->stride, pcpu_value(m, (uint32_t)idx, c), m->stride);
+        }
+    } while (seq_read_retry(&b->seq, s));
+    return idx;
+}
+
+static void pcpu_store(struct hybrid_map *m, uint32_t idx, const void *value, int all_cpus, int fresh)
+{
+    if (all_cpus) {
+        for (uint32_t c = 0; c < m->nr_cpus; c++)
+            memcpy(pcpu_value(m, idx, c), (const char *)value + (size_t)c * m->stride, m->value_size);
+        return;
+    }
+    uint32_t cur = cpu_slot(m->nr_cpus);
+
+    if (fresh) {  /* a new element from a program: this CPU's value, zero elsewhere */
+        for (uint32_t c = 0; c < m->nr_cpus; c++)
+            if (c != cur)
+                memset(pcpu_value(m, idx, c), 0, m->stride);
+    }
+    memcpy(pcpu_value(m, idx, cur), value, m->value_size);
+}
+
+/* --- LRU: CLOCK eviction ------------------------------------------------------ */
+
+static int64_t lru_evict(struct hybrid_map *m)
+{
+    uint64_t limit = 2ull * m->nelems + 64;
+
+    for (uint64_t tries = 0; tries < limit; tries++) {
+        uint32_t idx = (uint32_t)(__atomic_fetch_add(&m->s.hand, 1, __ATOMIC_RELAXED) % m->nelems);
+        struct helem *e = helem(m, idx);
+        struct hbucket *b;
+        uint32_t *l, i, held, steps = 0;
+
+        if (LOAD(&e->state) != ELEM_LIVE)
+            continue;
+        if (LOAD(&e->ref) && tries < m->nelems) {
+            STORE(&e->ref, 0);
+            continue;
+        }
+        b = hbucket(m, LOAD(&e->hash));
+        held = seq_write_lock(&b->seq);
+        for (l = &b->head; (i = LOAD(l)) != 0 && i <= m->nelems && ++steps <= m->nelems; l = &helem(m, i - 1)->next) {
+            if (i == idx + 1) {
+                STORE(l, LOAD(&e->next));
+                STORE(&e->state, ELEM_ALLOC);
+                seq_write_unlock(&b->seq, held);
+                return idx;
+            }
+        }
+        seq_write_unlock(&b->seq, held);
+    }
+    return -1;
+}
+
+/* An element for an LRU update, counted as live; evicts when the map is full. */
+static int64_t lru_alloc(struct hybrid_map *m)
+{
+    for (int attempt = 0; attempt < 8; attempt++) {
+        int64_t idx;
+
+        if (count_inc_below(m)) {
+            idx = pop_free(m);
+            if (idx >= 0)
+                return idx;
+            count_dec(m);
+        }
+        idx = lru_evict(m);
+        if (idx >= 0)
+            return idx;
+        sched_yield();
+    }
+    return -1;
+}
+
+/* --- hash operations ---------------------------------------------------------- */
+
+/* Returns 1 when a new element was inserted, 0 when an existing one was
+ * updated, or -errno.
+ *
+ * LRU maps get their element before taking the bucket lock, because
+ * eviction locks another bucket.  When the key already exists (checked
+ * first, without the lock) a spare element is used, not counted, so that
+ * replacing a value in a full LRU map never evicts another key. */
+static long htab_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags, int all_cpus)
+{
+    const int lru = is_lru(m->type), pcpu = is_percpu(m->type);
+    uint32_t h, held, *link;
+    struct hbucket *b;
+    struct helem *e;
+    int64_t nw = -1, old;
+    int counted = 0;  /* LRU: nw is counted in a.count */
+    long err = 0;
+
+    if (flags > BPF_EXIST)
+        return -EINVAL;
+    h = hash_key(m, key);
+    b = hbucket(m, h);
+    if (lru) {
+        int64_t found = htab_read(m, key, h, NULL, COPY_NONE);
+
+        /* fail early rather than evict for nothing */
+        if (found >= 0 && flags == BPF_NOEXIST)
+            return -EEXIST;
+        if (found < 0 && flags == BPF_EXIST)
+            return -ENOENT;
+        if (found < 0 || (nw = pop_free(m)) < 0) {
+            nw = lru_alloc(m);
+            if (nw < 0)
+                return -ENOMEM;
+            counted = 1;
+        }
+    }
+relock:
+    held = seq_write_lock(&b->seq);
+    old = chain_find_locked(m, b, key, h, &link);
+    if (old >= 0 && flags == BPF_NOEXIST)
+        err = -EEXIST;
+    else if (old < 0 && flags == BPF_EXIST)
+        err = -ENOENT;
+    if (err)
+        goto out_unlock;
+    if (old >= 0 && pcpu) {  /* per-CPU values are updated in place, as by the kernel */
+        pcpu_store(m, (uint32_t)old, value, all_cpus, 0);
+        if (lru)
+            STORE(&helem(m, (uint32_t)old)->ref, 1);
+        goto out_unlock;
+    }
+    if (lru && old < 0 && !counted) {  /* the key went away meanwhile: now it is an insert */
+        if (!count_inc_below(m)) {
+            seq_write_unlock(&b->seq, held);
+            push_free(m, (uint32_t)nw);
+            nw = lru_alloc(m);
+            if (nw < 0)
+                return -ENOMEM;
+            counted = 1;
+            goto relock;
+        }
+        counted = 1;
+    }
+    if (nw < 0) {
+        if (old < 0 && !count_inc_below(m)) {
+            err = m->type == BPF_MAP_TYPE_LPM_TRIE ? -ENOSPC : -E2BIG;
+            goto out_unlock;
+        }
+        nw = pop_free(m);
+        if (nw < 0) {
+            if (old >= 0) {  /* all spare elements in use by concurrent updates: copy in place */
+                memcpy(helem_value(m, helem(m, (uint32_t)old)), value, stored_size(m));
+                goto out_unlock;
+            }
+            count_dec(m);
+            err = -ENOMEM;
+            goto out_unlock;
+        }
+    }
+    e = helem(m, (uint32_t)nw);
+    memcpy(e->key, key, m->key_size);
+    STORE(&e->hash, h);
+    STORE(&e->ref, old >= 0 ? 1u : 0u);
+    if (pcpu)
+        pcpu_store(m, (uint32_t)nw, value, all_cpus, 1);
+    else
+        memcpy(helem_value(m, e), value, stored_size(m));
+    if (old >= 0) {
+        STORE(&e->next, LOAD(&helem(m, (uint32_t)old)->next));
+        STORE(link, (uint32_t)nw + 1);
+        STORE(&helem(m, (uint32_t)old)->state, ELEM_ALLOC);
+    } else {
+        STORE(&e->next, LOAD(&b->head));
+        STORE(&b->head, (uint32_t)nw + 1);
+    }
+    STORE(&e->state, ELEM_LIVE);
+    seq_write_unlock(&b->seq, held);
+    if (old >= 0) {
+        push_free(m, (uint32_t)old);
+        if (counted)
+            count_dec(m);
+        return 0;
+    }
+    return 1;
+
+out_unlock:
+    seq_write_unlock(&b->seq, held);
+    if (lru && nw >= 0) {
+        push_free(m, (uint32_t)nw);
+        if (counted)
+            count_dec(m);
+    }
+    return err;
+}
+
+static long htab_delete(struct hybrid_map *m, const void *key)
+{
+    uint32_t h = hash_key(m, key), held, *link;
+    struct hbucket *b = hbucket(m, h);
+    int64_t old;
+
+    held = seq_write_lock(&b->seq);
+    old = chain_find_locked(m, b, key, h, &link);
+    if (old < 0) {
+        seq_write_unlock(&b->seq, held);
+        return -ENOENT;
+    }
+    STORE(link, LOAD(&helem(m, (uint32_t)old)->next));
+    STORE(&helem(m, (uint32_t)old)->state, ELEM_ALLOC);
+    seq_write_unlock(&b->seq, held);
+    push_free(m, (uint32_t)old);
+    count_dec(m);
+    return 0;
+}
+
+/* Kernel iteration: the key after `key`, or the first key when `key` is NULL
+ * or absent; -ENOENT after the last. */
+static int htab_next_key(struct hybrid_map *m, const void *key, void *next_key)
+{
+    unsigned char tmp[HYBRID_MAX_KEY_SIZE];
+    uint32_t nb = m->mask + 1, start = 0, s, i;
+
+    if (key) {
+        uint32_t h = hash_key(m, key);
+        const struct hbucket *b = hbucket(m, h);
+        int64_t idx;
+        uint32_t nx = 0;
+
+        do {
+            s = seq_read_begin(&b->seq);
+            nx = 0;
+            idx = chain_find(m, b, key, h);
+            if (idx >= 0) {
+                nx = LOAD(&helem(m, (uint32_t)idx)->next);
+                if (nx > m->nelems)
+                    nx = 0;
+                if (nx)
+                    memcpy(tmp, helem(m, nx - 1)->key, m->key_size);
+            }
+        } while (seq_read_retry(&b->seq, s));
+        if (idx >= 0 && nx) {
+            memcpy(next_key, tmp, m->key_size);
+            return 0;
+        }
+        if (idx >= 0)
+            start = (h & m->mask) + 1;
+    }
+    for (uint32_t bi = start; bi < nb; bi++) {
+        const struct hbucket *b = (const struct hbucket *)((char *)m + m->off_a) + bi;
+
+        if (LOAD(&b->head) == 0)
+            continue;
+        do {
+            s = seq_read_begin(&b->seq);
+            i = LOAD(&b->head);
+            if (i > m->nelems)
+                i = 0;
+            if (i)
+                memcpy(tmp, helem(m, i - 1)->key, m->key_size);
+        } while (seq_read_retry(&b->seq, s));
+        if (i) {
+            memcpy(next_key, tmp, m->key_size);
+            return 0;
+        }
+    }
+    return -ENOENT;
+}
+
+/* ------------------------------------------------------------------------ */
+/* LPM trie: one hash table keyed by (prefixlen, masked data), probed from  */
+/* the longest prefix length present                                         */
+
+static inline uint32_t *lpm_counts(const struct hybrid_map *m)
+{
+    return (uint32_t *)((char *)m + m->off_c);
+}
+
+/* Writes the canonical key of `key` cut to `plen` bits into out. */
+static void lpm_canon(const struct hybrid_map *m, const void *key, uint32_t plen, unsigned char *out)
+{
+    uint32_t n = m->key_size - 4, full = plen / 8, rem = plen % 8;
+
+    memcpy(out, &plen, 4);
+    memcpy(out + 4, (const unsigned char *)key + 4, n);
+    if (full < n) {
+        out[4 + full] &= rem ? (unsigned char)(0xff << (8 - rem)) : 0;
+        memset(out + 4 + full + 1, 0, n - full - 1);
+    }
+}
+
+static int64_t lpm_find(const struct hybrid_map *m, const void *key, void *out)
+{
+    unsigned char buf[4 + HYBRID_LPM_DATA_MAX];
+    const uint32_t *counts = lpm_counts(m);
+    uint32_t plen;
+
+    memcpy(&plen, key, 4);
+    if (plen > m->aux)
+        plen = m->aux;
+    lpm_canon(m, key, plen, buf);
+    for (uint32_t l = plen;; l--) {
+        if (LOAD(&counts[l])) {
+            int64_t idx;
+
+            memcpy(buf, &l, 4);
+            idx = htab_read(m, buf, hash_key(m, buf), out, out ? COPY_VALUE : COPY_NONE);
+            if (idx >= 0)
+                return idx;
+        }
+        if (l == 0)
+            return -1;
+        buf[4 + (l - 1) / 8] &= (unsigned char)~(0x80u >> ((l - 1) % 8));
+    }
+}
+
+static long lpm_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags)
+{
+    unsigned char buf[4 + HYBRID_LPM_DATA_MAX];
+    uint32_t plen;
+    long r;
+
+    memcpy(&plen, key, 4);
+    if (plen > m->aux)
+        return -EINVAL;
+    lpm_canon(m, key, plen, buf);
+    r = htab_update(m, buf, value, flags, 0);
+    if (r == 1)
+        __atomic_fetch_add(&lpm_counts(m)[plen], 1, __ATOMIC_RELEASE);
+    return r < 0 ? r : 0;
+}
+
+static long lpm_delete(struct hybrid_map *m, const void *key)
+{
+    unsigned char buf[4 + HYBRID_LPM_DATA_MAX];
+    uint32_t plen;
+    long r;
+
+    memcpy(&plen, key, 4);
+    if (plen > m->aux)
+        return -EINVAL;
+    lpm_canon(m, key, plen, buf);
+    r = htab_delete(m, buf);
+    if (r == 0)
+        __atomic_fetch_sub(&lpm_counts(m)[plen], 1, __ATOMIC_RELEASE);
+    return r;
+}
+
+static int lpm_next_key(struct hybrid_map *m, const void *key, void *next_key)
+{
+    unsigned char buf[4 + HYBRID_LPM_DATA_MAX];
+    uint32_t plen;
+
+    if (key) {
+        memcpy(&plen, key, 4);
+        if (plen <= m->aux) {
+            lpm_canon(m, key, plen, buf);
+            return htab_next_key(m, buf, next_key);
+        }
+    }
+    return htab_next_key(m, NULL, next_key);
+}
+
+/* ------------------------------------------------------------------------ */
+/* arrays                                                                    */
+
+static inline void *array_slot(const struct hybrid_map *m, uint32_t idx)
+{
+    return (char *)m + m->off_a + (uint64_t)idx * m->stride;
+}
+
+static inline uint32_t key_u32(const void *key)
+{
+    uint32_t i;
+
+    memcpy(&i, key, 4);
+    return i;
+}
+
+static int array_next_key(const struct hybrid_map *m, const void *key, void *next_key)
+{
+    uint32_t i = key ? key_u32(key) : UINT32_MAX, next;
+
+    if (!key || i >= m->max_entries)
+        next = 0;
+    else if (i == m->max_entries - 1)
+        return -ENOENT;
+    else
+        next = i + 1;
+    memcpy(next_key, &next, 4);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* map in map                                                                */
+
+/* The map at region offset `off` in m's region, or NULL when there is none. */
+static struct hybrid_map *map_at_offset(const struct hybrid_map *m, uint64_t off)
+{
+    char *base = region_base(m);
+    const struct hybrid_region *r = (const struct hybrid_region *)base;
+    struct hybrid_map *in;
+
+    if (off < sizeof(struct hybrid_region) || off % CACHELINE || off > r->size || r->size - off < HDR_SIZE)
+        return NULL;
+    in = (struct hybrid_map *)(base + off);
+    if (memcmp(in->magic, HYBRID_MAP_MAGIC, 8) != 0 || in->self_off != off)
+        return NULL;
+    return in;
+}
+
+static long inner_check(const struct hybrid_map *m, uint64_t off)
+{
+    const struct hybrid_map *in = map_at_offset(m, off);
+
+    if (!in)
+        return -EBADF;
+    if (in->type == BPF_MAP_TYPE_PROG_ARRAY || in->type == BPF_MAP_TYPE_ARRAY_OF_MAPS ||
+        in->type == BPF_MAP_TYPE_HASH_OF_MAPS)
+        return -EINVAL;
+    if (m->inner_type == 0)
+        return 0;
+    if (in->type != m->inner_type || in->key_size != m->inner_key_size ||
+        in->value_size != m->inner_value_size || in->map_flags != m->inner_flags)
+        return -EINVAL;
+    if (is_array(in->type) && !(m->inner_flags & BPF_F_INNER_MAP) && in->max_entries != m->inner_max_entries)
+        return -EINVAL;
+    return 0;
+}
+
+static inline void *inner_ptr(const struct hybrid_map *m, uint64_t off)
+{
+    return off ? region_base(m) + off : NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* program registry for tail calls (process-local: entry points are        */
+/* addresses in this process)                                                */
+
+#define PROG_CHUNK 1024u
+#define PROG_CHUNKS 1024u
+
+static void **prog_chunks[PROG_CHUNKS];
+
+int hybrid_prog_register(uint32_t id, void *entry)
+{
+    void **chunk, **fresh;
+
+    if (id >= PROG_CHUNK * PROG_CHUNKS)
+        return -E2BIG;
+    chunk = LOAD_ACQ(&prog_chunks[id / PROG_CHUNK]);
+    if (!chunk) {
+        fresh = calloc(PROG_CHUNK, sizeof(void *));
+        if (!fresh)
+            return -ENOMEM;
+        if (__atomic_compare_exchange_n(&prog_chunks[id / PROG_CHUNK], &chunk, fresh, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            chunk = fresh;
+        else
+            free(fresh);
+    }
+    STORE_REL(&chunk[id % PROG_CHUNK], entry);
+    return 0;
+}
+
+void *hybrid_prog_array_get(struct hybrid_map *m, uint32_t index)
+{
+    uint64_t slot;
+    void **chunk;
+    uint32_t id;
+
+    if (unlikely(m->type != BPF_MAP_TYPE_PROG_ARRAY) || index >= m->max_entries)
+        return NULL;
+    slot = LOAD_ACQ((uint64_t *)array_slot(m, index));
+    if (!slot || slot - 1 >= PROG_CHUNK * PROG_CHUNKS)
+        return NULL;
+    id = (uint32_t)(slot - 1);
+    chunk = LOAD_ACQ(&prog_chunks[id / PROG_CHUNK]);
+    return chunk ? LOAD_ACQ(&chunk[id % PROG_CHUNK]) : NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* stack traces                                                              */
+
+static inline struct stackslot *stack_slot(const struct hybrid_map *m, uint32_t id)
+{
+    return (struct stackslot *)((char *)m + m->off_a + (uint64_t)id * m->elem_size);
+}
+
+long hybrid_stackmap_store(struct hybrid_map *m, const uint64_t *ips, uint32_t nr, uint64_t flags)
+{
+    uint32_t max_depth, h, id, held;
+    struct stackslot *s;
+    long ret;
+
+    if (m->type != BPF_MAP_TYPE_STACK_TRACE)
+        return -EINVAL;
+    if (flags & ~(BPF_F_SKIP_FIELD_MASK | BPF_F_USER_STACK | BPF_F_FAST_STACK_CMP | BPF_F_REUSE_STACKID))
+        return -EINVAL;
+    if (nr == 0 || !ips)
+        return -EFAULT;
+    max_depth = m->value_size / 8;
+    if (nr > max_depth)
+        nr = max_depth;
+    h = (uint32_t)hash_bytes(ips, nr * 8, m->seed);
+    id = h & m->mask;
+    s = stack_slot(m, id);
+    held = seq_write_lock(&s->seq);
+    if (s->nr) {
+        int same_hash = s->hash == h;
+
+        if (same_hash && (flags & BPF_F_FAST_STACK_CMP)) {
+            ret = id;
+            goto out;
+        }
+        if (same_hash && s->nr == nr && memcmp(s->ips, ips, (size_t)nr * 8) == 0) {
+            ret = id;
+            goto out;
+        }
+        if (!(flags & BPF_F_REUSE_STACKID)) {
+            ret = -EEXIST;
+            goto out;
+        }
+    }
+    memcpy(s->ips, ips, (size_t)nr * 8);
+    s->hash = h;
+    STORE(&s->nr, nr);
+    ret = id;
+out:
+    seq_write_unlock(&s->seq, held);
+    return ret;
+}
+
+static long stack_lookup_copy(struct hybrid_map *m, uint32_t id, void *value)
+{
+    struct stackslot *s;
+    uint32_t seq, nr;
+
+    if (id > m->mask)
+        return -ENOENT;
+    s = stack_slot(m, id);
+    do {
+        seq = seq_read_begin(&s->seq);
+        nr = LOAD(&s->nr);
+        if (nr > m->value_size / 8)
+            nr = 0;
+        if (nr) {
+            memcpy(value, s->ips, (size_t)nr * 8);
+            memset((char *)value + (size_t)nr * 8, 0, m->value_size - (size_t)nr * 8);
+        }
+    } while (seq_read_retry(&s->seq, seq));
+    return nr ? 0 : -ENOENT;
+}
+
+static long stack_delete(struct hybrid_map *m, uint32_t id)
+{
+    struct stackslot *s;
+    uint32_t held;
+    long ret = 0;
+
+    if (id > m->mask)
+        return -ENOENT;
+    s = stack_slot(m, id);
+    held = seq_write_lock(&s->seq);
+    if (s->nr == 0)
+        ret = -ENOENT;
+    STORE(&s->nr, 0);
+    seq_write_unlock(&s->seq, held);
+    return ret;
+}
+
+static int stack_next_key(struct hybrid_map *m, const void *key, void *next_key)
+{
+    uint32_t id = 0;
+
+    if (key) {
+        id = key_u32(key);
+        if (id > m->mask || LOAD(&stack_slot(m, id)->nr) == 0)
+            id = 0;
+        else
+            id++;
+    }
+    for (; id <= m->mask; id++) {
+        if (LOAD(&stack_slot(m, id)->nr)) {
+            memcpy(next_key, &id, 4);
+            return 0;
+        }
+    }
+    return -ENOENT;
+}
+
+/* ------------------------------------------------------------------------ */
+/* queue and stack (the kernel's circular buffer of max_entries + 1 slots)   */
+
+static inline void *qs_slot(const struct hybrid_map *m, uint32_t i)
+{
+    return (char *)m + m->off_a + (uint64_t)i * m->stride;
+}
+
+static long qs_push(struct hybrid_map *m, const void *value, uint64_t flags)
+{
+    uint32_t size = m->max_entries + 1, head, tail;
+
+    if ((flags & BPF_NOEXIST) || flags > BPF_EXIST)
+        return -EINVAL;
+    spin_lock(&m->a.lock);
+    head = m->a.qhead;
+    tail = m->a.qtail;
+    if (unlikely(head >= size || tail >= size))  /* corrupted: reset */
+        head = tail = 0;
+    if ((head + 1) % size == tail) {
+        if (!(flags & BPF_EXIST)) {
+            spin_unlock(&m->a.lock);
+            return -E2BIG;
+        }
+        tail = (tail + 1) % size;  /* overwrite the oldest */
+    }
+    memcpy(qs_slot(m, head), value, m->value_size);
+    m->a.qhead = (head + 1) % size;
+    m->a.qtail = tail;
+    spin_unlock(&m->a.lock);
+    return 0;
+}
+
+static long qs_pop(struct hybrid_map *m, void *value, int remove)
+{
+    uint32_t size = m->max_entries + 1, head, tail, i;
+
+    spin_lock(&m->a.lock);
+    head = m->a.qhead;
+    tail = m->a.qtail;
+    if (head == tail || head >= size || tail >= size) {
+        spin_unlock(&m->a.lock);
+        return -ENOENT;
+    }
+    if (m->type == BPF_MAP_TYPE_QUEUE) {
+        i = tail;
+        if (remove)
+            m->a.qtail = (tail + 1) % size;
+    } else {
+        i = head ? head - 1 : size - 1;
+        if (remove)
+            m->a.qhead = i;
+    }
+    memcpy(value, qs_slot(m, i), m->value_size);
+    spin_unlock(&m->a.lock);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* bloom filter                                                              */
+
+static long bloom_op(struct hybrid_map *m, const void *value, int add)
+{
+    uint64_t h = hash_bytes(value, m->value_size, m->seed);
+    uint32_t h1 = (uint32_t)h, h2 = (uint32_t)(h >> 32) | 1;
+    uint64_t *bits = (uint64_t *)((char *)m + m->off_a);
+
+    for (uint32_t i = 0; i < m->aux; i++) {
+        uint32_t bit = (h1 + i * h2) & m->mask;
+        uint64_t word = 1ull << (bit % 64), *w = &bits[bit / 64];
+
+        if (LOAD(w) & word)
+            continue;
+        if (!add)
+            return -ENOENT;
+        __atomic_fetch_or(w, word, __ATOMIC_RELAXED);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* regions                                                                   */
+
+void *hybrid_shm_map(int fd, uint64_t size, int populate)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, 0);
+
+    return p == MAP_FAILED ? NULL : p;
+}
+
+int hybrid_shm_unmap(void *addr, uint64_t size)
+{
+    return munmap(addr, size) == 0 ? 0 : -errno;
+}
+
+uint64_t hybrid_region_header_size(uint32_t nr_maps)
+{
+    return round_up(sizeof(struct hybrid_region) + (uint64_t)nr_maps * 8, CACHELINE);
+}
+
+int hybrid_region_init(void *base, uint64_t size, uint32_t nr_maps, uint32_t nr_cpus)
+{
+    struct hybrid_region *r = base;
+    uint64_t hs = hybrid_region_header_size(nr_maps);
+
+    if (size < hs || nr_cpus == 0)
+        return -EINVAL;
+    memset(r, 0, hs);
+    r->version = HYBRID_LAYOUT_VERSION;
+    r->nr_maps = nr_maps;
+    r->size = size;
+    r->nr_cpus = nr_cpus;
+    r->hdr_size = (uint32_t)hs;
+    return 0;
+}
+
+int hybrid_region_set_map(void *base, uint32_t index, uint64_t off)
+{
+    struct hybrid_region *r = base;
+
+    if (index >= r->nr_maps || off < r->hdr_size || off % CACHELINE || off >= r->size)
+        return -EINVAL;
+    r->map_off[index] = off;
+    return 0;
+}
+
+void hybrid_region_publish(void *base)
+{
+    struct hybrid_region *r = base;
+    uint64_t magic;
+
+    memcpy(&magic, HYBRID_REGION_MAGIC, 8);
+    __atomic_store_n((uint64_t *)r->magic, magic, __ATOMIC_RELEASE);
+}
+
+/* The header's layout is the one its attributes give: nothing in a region
+ * opened from a file can point C code outside the map. */
+static int layout_matches(const struct hybrid_map *m)
+{
+    struct layout L;
+
+    if (layout(m->type, m->key_size, m->value_size, m->max_entries, m->map_flags, m->map_extra, m->nr_cpus, &L))
+        return 0;
+    return L.off_a == m->off_a && L.off_b == m->off_b && L.off_c == m->off_c && L.plane == m->plane &&
+           L.stride == m->stride && L.mask == m->mask && L.elem_size == m->elem_size && L.nelems == m->nelems &&
+           L.aux == m->aux && round_up(L.size, CACHELINE) == m->size &&
+           m->key_words == round_up(m->key_size, 8) / 8;
+}
+
+int64_t hybrid_region_check(const void *base, uint64_t size)
+{
+    const struct hybrid_region *r = base;
+    uint64_t magic, want;
+
+    if (size < sizeof(*r))
+        return -EINVAL;
+    memcpy(&want, HYBRID_REGION_MAGIC, 8);
+    magic = __atomic_load_n((const uint64_t *)r->magic, __ATOMIC_ACQUIRE);
+    if (magic != want)
+        return magic == 0 ? -EAGAIN : -EINVAL;  /* 0: still being initialised */
+    if (r->version != HYBRID_LAYOUT_VERSION)
+        return -EPROTO;
+    if (r->size > size || r->hdr_size < hybrid_region_header_size(r->nr_maps) || r->hdr_size > r->size)
+        return -EINVAL;
+    for (uint32_t i = 0; i < r->nr_maps; i++) {
+        uint64_t off = r->map_off[i];
+        const struct hybrid_map *m;
+
+        if (off < r->hdr_size || off % CACHELINE || off > r->size || r->size - off < HDR_SIZE)
+            return -EINVAL;
+        m = (const struct hybrid_map *)((const char *)base + off);
+        if (memcmp(m->magic, HYBRID_MAP_MAGIC, 8) != 0 || m->self_off != off || m->size > r->size - off ||
+            m->version != HYBRID_LAYOUT_VERSION || !layout_matches(m))
+            return -EINVAL;
+    }
+    return r->nr_maps;
+}
+
+struct hybrid_map *hybrid_region_map(void *base, uint32_t index)
+{
+    struct hybrid_region *r = base;
+
+    return index < r->nr_maps ? (struct hybrid_map *)((char *)base + r->map_off[index]) : NULL;
+}
+
+uint32_t hybrid_region_nr_cpus(const void *base)
+{
+    return ((const struct hybrid_region *)base)->nr_cpus;
+}
+
+/* ------------------------------------------------------------------------ */
+/* creation                                                                  */
+
+int hybrid_map_init(void *at, uint64_t self_off, uint32_t type, uint32_t key_size, uint32_t value_size,
+                    uint32_t max_entries, uint32_t map_flags, uint64_t map_extra, uint32_t nr_cpus,
+                    uint32_t id, const char *name)
+{
+    struct hybrid_map *m = at;
+    struct layout L;
+    int err;
+
+    if (((uintptr_t)at % CACHELINE) || (self_off % CACHELINE))
+        return -EINVAL;
+    err = layout(type, key_size, value_size, max_entries, map_flags, map_extra, nr_cpus, &L);
+    if (err)
+        return err;
+    memset(m, 0, round_up(L.size, CACHELINE));
+    m->off_a = L.off_a;
+    m->off_b = L.off_b;
+    m->off_c = L.off_c;
+    m->plane = L.plane;
+    m->type = type;
+    m->key_size = key_size;
+    m->value_size = value_size;
+    m->max_entries = max_entries;
+    m->stride = L.stride;
+    m->nr_cpus = nr_cpus;
+    m->mask = L.mask;
+    m->elem_size = L.elem_size;
+    m->nelems = L.nelems;
+    m->aux = L.aux;
+    m->self_off = self_off;
+    m->size = round_up(L.size, CACHELINE);
+    m->map_extra = map_extra;
+    m->version = HYBRID_LAYOUT_VERSION;
+    m->id = id;
+    m->map_flags = map_flags;
+    m->key_words = (uint32_t)(round_up(key_size, 8) / 8);
+    if (name)
+        strncpy(m->name, name, sizeof(m->name) - 1);
+    /* stack ids hash with a fixed seed, as the kernel's stackmap (jhash2(ips, n, 0)) does:
+     * the same stacks get the same ids in every run */
+    if (type != BPF_MAP_TYPE_STACK_TRACE && !(map_flags & BPF_F_ZERO_SEED) && getrandom(&m->seed, sizeof(m->seed), GRND_NONBLOCK) != sizeof(m->seed))
+        m->seed = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uintptr_t)at;
+    if (is_hash(type)) {
+        /* freelist: every element, popped in index order */
+        for (uint32_t i = 0; i < m->nelems; i++)
+            helem(m, i)->next = i + 1 < m->nelems ? i + 2 : 0;
+        m->a.head = 1;
+    }
+    if (type == BPF_MAP_TYPE_RINGBUF || type == BPF_MAP_TYPE_PERF_EVENT_ARRAY) {
+        m->off_a = L.off_a;
+        hybrid_ring_init(m);
+    }
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy(m->magic, HYBRID_MAP_MAGIC, 8);
+    return 0;
+}
+
+int hybrid_map_set_inner(struct hybrid_map *m, uint32_t type, uint32_t key_size, uint32_t value_size,
+                         uint32_t max_entries, uint32_t map_flags)
+{
+    if (m->type != BPF_MAP_TYPE_ARRAY_OF_MAPS && m->type != BPF_MAP_TYPE_HASH_OF_MAPS)
+        return -EINVAL;
+    if (type == BPF_MAP_TYPE_PROG_ARRAY || type == BPF_MAP_TYPE_ARRAY_OF_MAPS || type == BPF_MAP_TYPE_HASH_OF_MAPS)
+        return -EINVAL;
+    m->inner_type = type;
+    m->inner_key_size = key_size;
+    m->inner_value_size = value_size;
+    m->inner_max_entries = max_entries;
+    m->inner_flags = map_flags;
+    return 0;
+}
+
+int hybrid_map_describe(const struct hybrid_map *m, struct hybrid_map_desc *out)
+{
+    if (memcmp(m->magic, HYBRID_MAP_MAGIC, 8) != 0)
+        return -EINVAL;
+    memset(out, 0, sizeof(*out));
+    out->type = m->type;
+    out->key_size = m->key_size;
+    out->value_size = m->value_size;
+    out->max_entries = m->max_entries;
+    out->map_flags = m->map_flags;
+    out->nr_cpus = m->nr_cpus;
+    out->id = m->id;
+    out->inner_type = m->inner_type;
+    out->inner_key_size = m->inner_key_size;
+    out->inner_value_size = m->inner_value_size;
+    out->inner_max_entries = m->inner_max_entries;
+    out->inner_flags = m->inner_flags;
+    out->map_extra = m->map_extra;
+    out->size = m->size;
+    out->self_off = m->self_off;
+    memcpy(out->name, m->name, sizeof(out->name));
+    out->name[sizeof(out->name) - 1] = 0;
+    return 0;
+}
+
+uint64_t hybrid_map_count(const struct hybrid_map *m)
+{
+    if (is_hash(m->type))
+        return LOAD(&m->a.count);
+    if (m->type == BPF_MAP_TYPE_QUEUE || m->type == BPF_MAP_TYPE_STACK) {
+        uint32_t size = m->max_entries + 1, head = LOAD(&m->a.qhead), tail = LOAD(&m->a.qtail);
+
+        return (head + size - tail) % size;
+    }
+    return m->max_entries;
+}
+
+uint32_t hybrid_current_cpu(void)
+{
+    int cpu = current_cpu();
+
+    return cpu < 0 ? 0 : (uint32_t)cpu;
+}
+
+/* ------------------------------------------------------------------------ */
+/* generic operations                                                        */
+
+void *hybrid_map_lookup(struct hybrid_map *m, const void *key)
+{
+    switch (m->type) {
+    case BPF_MAP_TYPE_ARRAY: {
+        uint32_t i = key_u32(key);
+
+        return likely(i < m->max_entries) ? array_slot(m, i) : NULL;
+    }
+    case BPF_MAP_TYPE_PERCPU_ARRAY: {
+        uint32_t i = key_u32(key);
+
+        if (unlikely(i >= m->max_entries))
+            return NULL;
+        return (char *)m + m->off_a + (uint64_t)cpu_slot(m->nr_cpus) * m->plane + (uint64_t)i * m->stride;
+    }
+    case BPF_MAP_TYPE_HASH:
+    case BPF_MAP_TYPE_LRU_HASH: {
+        int64_t idx = htab_read(m, key, hash_key(m, key), NULL, COPY_NONE);
+        struct helem *e;
+
+        if (idx < 0)
+            return NULL;
+        e = helem(m, (uint32_t)idx);
+        if (m->type == BPF_MAP_TYPE_LRU_HASH && !LOAD(&e->ref))
+            STORE(&e->ref, 1);
+        return helem_value(m, e);
+    }
+    case BPF_MAP_TYPE_PERCPU_HASH:
+    case BPF_MAP_TYPE_LRU_PERCPU_HASH: {
+        int64_t idx = htab_read(m, key, hash_key(m, key), NULL, COPY_NONE);
+
+        if (idx < 0)
+            return NULL;
+        if (m->type == BPF_MAP_TYPE_LRU_PERCPU_HASH && !LOAD(&helem(m, (uint32_t)idx)->ref))
+            STORE(&helem(m, (uint32_t)idx)->ref, 1);
+        return pcpu_value(m, (uint32_t)idx, cpu_slot(m->nr_cpus));
+    }
+    case BPF_MAP_TYPE_LPM_TRIE: {
+        int64_t idx = lpm_find(m, key, NULL);
+
+        return idx < 0 ? NULL : helem_value(m, helem(m, (uint32_t)idx));
+    }
+    case BPF_MAP_TYPE_ARRAY_OF_MAPS: {
+        uint32_t i = key_u32(key);
+
+        return i < m->max_entries ? inner_ptr(m, LOAD_ACQ((uint64_t *)array_slot(m, i))) : NULL;
+    }
+    case BPF_MAP_TYPE_HASH_OF_MAPS: {
+        int64_t idx = htab_read(m, key, hash_key(m, key), NULL, COPY_NONE);
+
+        return idx < 0 ? NULL : inner_ptr(m, LOAD_ACQ((uint64_t *)helem_value(m, helem(m, (uint32_t)idx))));
+    }
+    default:
+        return NULL;
+    }
+}
+
+void *hybrid_map_lookup_cpu(struct hybrid_map *m, const void *key, uint32_t cpu)
+{
+    int64_t idx;
+
+    if (cpu >= m->nr_cpus)
+        return NULL;
+    switch (m->type) {
+    case BPF_MAP_TYPE_PERCPU_ARRAY: {
+        uint32_t i = key_u32(key);
+
+        return i < m->max_entries ? (char *)m + m->off_a + (uint64_t)cpu * m->plane + (uint64_t)i * m->stride : NULL;
+    }
+    case BPF_MAP_TYPE_PERCPU_HASH:
+    case BPF_MAP_TYPE_LRU_PERCPU_HASH:
+        idx = htab_read(m, key, hash_key(m, key), NULL, COPY_NONE);
+        if (idx < 0)
+            return NULL;
+        if (m->type == BPF_MAP_TYPE_LRU_PERCPU_HASH && !LOAD(&helem(m, (uint32_t)idx)->ref))
+            STORE(&helem(m, (uint32_t)idx)->ref, 1);
+        return pcpu_value(m, (uint32_t)idx, cpu);
+    default:
+        return NULL;
+    }
+}
+
+long hybrid_map_lookup_copy(struct hybrid_map *m, const void *key, void *value)
+{
+    switch (m->type) {
+    case BPF_MAP_TYPE_ARRAY: {
+        uint32_t i = key_u32(key);
+
+        if (i >= m->max_entries)
+            return -ENOENT;
+        memcpy(value, array_slot(m, i), m->value_size);
+        return 0;
+    }
+    case BPF_MAP_TYPE_PERCPU_ARRAY: {
+        uint32_t i = key_u32(key);
+
+        if (i >= m->max_entries)
+            return -ENOENT;
+        for (uint32_t c = 0; c < m->nr_cpus; c++)
+            memcpy((char *)value + (size_t)c * m->stride,
+                   (char *)m + m->off_a + (uint64_t)c * m->plane + (uint64_t)i * m->stride, m->stride);
+        return 0;
+    }
+    case BPF_MAP_TYPE_PROG_ARRAY:
+    case BPF_MAP_TYPE_ARRAY_OF_MAPS: {
+        uint32_t i = key_u32(key);
+        uint64_t slot;
+
+        if (i >= m->max_entries)
+            return -ENOENT;
+        slot = LOAD_ACQ((uint64_t *)array_slot(m, i));
+        if (!slot)
+            return -ENOENT;
+        if (m->type == BPF_MAP_TYPE_PROG_ARRAY) {
+            uint32_t id = (uint32_t)(slot - 1);
+
+            memcpy(value, &id, 4);
+        } else {
+            memcpy(value, &slot, 8);
+        }
+        return 0;
+    }
+    case BPF_MAP_TYPE_HASH:
+    case BPF_MAP_TYPE_LRU_HASH:
+    case BPF_MAP_TYPE_HASH_OF_MAPS:
+        return htab_read(m, key, hash_key(m, key), value, COPY_VALUE) < 0 ? -ENOENT : 0;
+    case BPF_MAP_TYPE_PERCPU_HASH:
+    case BPF_MAP_TYPE_LRU_PERCPU_HASH:
+        return htab_read(m, key, hash_key(m, key), value, COPY_PERCPU) < 0 ? -ENOENT : 0;
+    case BPF_MAP_TYPE_LPM_TRIE:
+        return lpm_find(m, key, value) < 0 ? -ENOENT : 0;
+    case BPF_MAP_TYPE_STACK_TRACE:
+        return stack_lookup_copy(m, key_u32(key), value);
+    case BPF_MAP_TYPE_QUEUE:
+    case BPF_MAP_TYPE_STACK:
+        return qs_pop(m, value, 0);
+    case BPF_MAP_TYPE_BLOOM_FILTER:
+        return -EINVAL;
+    default:
+        return -EOPNOTSUPP;
+    }
+}
+
+static long fd_array_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags)
+{
+    uint32_t i = key_u32(key);
+    uint64_t slot;
+
+    if (flags != BPF_ANY)
+        return -EINVAL;
+    if (i >= m->max_entries)
+        return -E2BIG;
+    if (m->type == BPF_MAP_TYPE_PROG_ARRAY) {
+        uint32_t id;
+
+        memcpy(&id, value, 4);
+        slot = (uint64_t)id + 1;
+    } else {
+        long err;
+
+        memcpy(&slot, value, 8);
+        err = inner_check(m, slot);
+        if (err)
+            return err;
+    }
+    STORE_REL((uint64_t *)array_slot(m, i), slot);
+    return 0;
+}
+
+static long map_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags, int all_cpus)
+{
+    switch (m->type) {
+    case BPF_MAP_TYPE_ARRAY:
+    case BPF_MAP_TYPE_PERCPU_ARRAY: {
+        uint32_t i = key_u32(key);
+
+        if (unlikely(flags > BPF_EXIST))
+            return -EINVAL;
+        if (unlikely(i >= m->max_entries))
+            return -E2BIG;
+        if (unlikely(flags == BPF_NOEXIST))
+            return -EEXIST;
+        if (m->type == BPF_MAP_TYPE_ARRAY) {
+            memcpy(array_slot(m, i), value, m->value_size);
+        } else if (all_cpus) {
+            for (uint32_t c = 0; c < m->nr_cpus; c++)
+                memcpy((char *)m + m->off_a + (uint64_t)c * m->plane + (uint64_t)i * m->stride,
+                       (const char *)value + (size_t)c * m->stride, m->value_size);
+        } else {
+            memcpy((char *)m + m->off_a + (uint64_t)cpu_slot(m->nr_cpus) * m->plane + (uint64_t)i * m->stride,
+                   value, m->value_size);
+        }
+        return 0;
+    }
+    case BPF_MAP_TYPE_PROG_ARRAY:
+    case BPF_MAP_TYPE_ARRAY_OF_MAPS:
+        return fd_array_update(m, key, value, flags);
+    case BPF_MAP_TYPE_PERF_EVENT_ARRAY: {
+        uint32_t v;
+
+        if (flags != BPF_ANY)
+            return -EINVAL;
+        memcpy(&v, value, 4);
+        return hybrid_perf_update(m, key_u32(key), v);
+    }
+    case BPF_MAP_TYPE_HASH_OF_MAPS: {
+        uint64_t off;
+        long err;
+
+        memcpy(&off, value, 8);
+        err = inner_check(m, off);
+        if (err)
+            return err;
+        err = htab_update(m, key, value, flags, 0);
+        return err < 0 ? err : 0;
+    }
+    case BPF_MAP_TYPE_HASH:
+    case BPF_MAP_TYPE_LRU_HASH:
+    case BPF_MAP_TYPE_PERCPU_HASH:
+    case BPF_MAP_TYPE_LRU_PERCPU_HASH: {
+        long err = htab_update(m, key, value, flags, all_cpus);
+
+        return err < 0 ? err : 0;
+    }
+    case BPF_MAP_TYPE_LPM_TRIE:
+        return lpm_update(m, key, value, flags);
+    case BPF_MAP_TYPE_QUEUE:
+    case BPF_MAP_TYPE_STACK:
+    case BPF_MAP_TYPE_BLOOM_FILTER:
+        return hybrid_map_push(m, value, flags);
+    case BPF_MAP_TYPE_STACK_TRACE:
+        return -EINVAL;
+    default:
+        return -EOPNOTSUPP;
+    }
+}
+
+long hybrid_map_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags)
+{
+    return map_update(m, key, value, flags, 0);
+}
+
+long hybrid_map_update_all_cpus(struct hybrid_map *m, const void *key, const void *values, uint64_t flags)
+{
+    if (!is_percpu(m->type))
+        return -EINVAL;
+    return map_update(m, key, values, flags, 1);
+}
+
+long hybrid_map_delete(struct hybrid_map *m, const void *key)
+{
+    switch (m->type) {
+    case BPF_MAP_TYPE_ARRAY:
+    case BPF_MAP_TYPE_PERCPU_ARRAY:
+    case BPF_MAP_TYPE_QUEUE:
+    case BPF_MAP_TYPE_STACK:
+        return -EINVAL;
+    case BPF_MAP_TYPE_PROG_ARRAY:
+    case BPF_MAP_TYPE_ARRAY_OF_MAPS: {
+        uint32_t i = key_u32(key);
+
+        if (i >= m->max_entries)
+            return -E2BIG;
+        return __atomic_exchange_n((uint64_t *)array_slot(m, i), 0, __ATOMIC_ACQ_REL) ? 0 : -ENOENT;
+    }
+    case BPF_MAP_TYPE_PERF_EVENT_ARRAY:
+        return hybrid_perf_delete(m, key_u32(key));
+    case BPF_MAP_TYPE_HASH:
+    case BPF_MAP_TYPE_LRU_HASH:
+    case BPF_MAP_TYPE_PERCPU_HASH:
+    case BPF_MAP_TYPE_LRU_PERCPU_HASH:
+    case BPF_MAP_TYPE_HASH_OF_MAPS:
+        return htab_delete(m, key);
+    case BPF_MAP_TYPE_LPM_TRIE:
+        return lpm_delete(m, key);
+    case BPF_MAP_TYPE_STACK_TRACE:
+        return stack_delete(m, key_u32(key));
+    default:
+        return -EOPNOTSUPP;
+    }
+}
+
+int hybrid_map_next_key(struct hybrid_map *m, const void *key, void *next_key)
+{
+    if (is_array(m->type))
+        return array_next_key(m, key, next_key);
+    switch (m->type) {
+    case BPF_MAP_TYPE_LPM_TRIE:
+        return lpm_next_key(m, key, next_key);
+    case BPF_MAP_TYPE_STACK_TRACE:
+        return stack_next_key(m, key, next_key);
+    case BPF_MAP_TYPE_QUEUE:
+    case BPF_MAP_TYPE_STACK:
+        return -EINVAL;
+    default:
+        if (is_hash(m->type))
+            return htab_next_key(m, key, next_key);
+        return -EOPNOTSUPP;
+    }
+}
+
+long hybrid_map_push(struct hybrid_map *m, const void *value, uint64_t flags)
+{
+    switch (m->type) {
+    case BPF_MAP_TYPE_QUEUE:
+    case BPF_MAP_TYPE_STACK:
+        return qs_push(m, value, flags);
+    case BPF_MAP_TYPE_BLOOM_FILTER:
+        return flags != BPF_ANY ? -EINVAL : bloom_op(m, value, 1);
+    default:
+        return -EINVAL;
+    }
+}
+
+long hybrid_map_pop(struct hybrid_map *m, void *value)
+{
+    switch (m->type) {
+    case BPF_MAP_TYPE_QUEUE:
+    case BPF_MAP_TYPE_STACK:
+        return qs_pop(m, value, 1);
+    case BPF_MAP_TYPE_BLOOM_FILTER:
+        return -EOPNOTSUPP;
+    default:
+        return -EINVAL;
+    }
+}
+
+long hybrid_map_peek(struct hybrid_map *m, void *value)
+{
+    switch (m->type) {
+    case BPF_MAP_TYPE_QUEUE:
+    case BPF_MAP_TYPE_STACK:
+        return qs_pop(m, value, 0);
+    case BPF_MAP_TYPE_BLOOM_FILTER:
+        return bloom_op(m, value, 0);
+    default:
+        return -EINVAL;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* helpers, with the kernel's ids                                            */
+
+/*   1 */
+uint64_t hybrid_helper_map_lookup_elem(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
+{
+    (void)r3; (void)r4; (void)r5;
+    if (unlikely(!r1 || !r2))
+        return 0;
+    return (uintptr_t)hybrid_map_lookup((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2);
+}
+
+/*   2 */
+uint64_t hybrid_helper_map_update_elem(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
+{
+    (void)r5;
+    if (unlikely(!r1 || !r3))
+        return NEG(-EINVAL);
+    return NEG(hybrid_map_update((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2,
+                                 (const void *)(uintptr_t)r3, r4));
+}
+
+/*   3 */
+uint64_t hybrid_helper_map_delete_elem(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
+{
+    (void)r3; (void)r4; (void)r5;
+    if (unlikely(!r1))
+        return NEG(-EINVAL);
+    return NEG(hybrid_map_delete((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2));
+}
+
+/*  87 */
+uint64_t hybrid_helper_map_push_elem(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
+{
+    (void)r4; (void)r5;
+    if (unlikely(!r1 || !r2))
+        return NEG(-EINVAL);
+    return NEG(hybrid_map_push((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2, r3));
+}
+
+/*  88 */
+uint64_t hybrid_helper_map_pop_elem(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
+{
+    (void)r3; (void)r4; (void)r5;
+    if (unlikely(!r1 || !r2))
+        return NEG(-EINVAL);
+    return NEG(hybrid_map_pop((struct hybrid_map *)(uintptr_t)r1, (void *)(uintptr_t)r2));
+}
+
+/*  89 */
+uint64_t hybrid_helper_map_peek_elem(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
+{
+    (void)r3; (void)r4; (void)r5;
+    if (unlikely(!r1 || !r2))
+        return NEG(-EINVAL);
+    return NEG(hybrid_map_peek((struct hybrid_map *)(uintptr_t)r1, (void *)(uintptr_t)r2));
+}
+
+/* 195 */
+uint64_t hybrid_helper_map_lookup_percpu_elem(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
+{
+    (void)r4; (void)r5;
+    if (unlikely(!r1 || !r2))
+        return 0;
+    return (uintptr_t)hybrid_map_lookup_cpu((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2,
+                                            (uint32_t)r3);
+}
+
+/* ------------------------------------------------------------------------ */
+/* drivers for tests and micro-benchmarks                                    */
+
+static inline uint64_t xorshift(uint64_t *s)
+{
+    uint64_t x = *s;
+
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545f4914f6cdd1dull;
+}
+
+/* Counting, the way a probe counts: lookup; insert zero if absent; atomic add.
+ * Keys are u32 in [0, nkeys).  Returns the number of failed operations
+ * (updates that fail, lookups that miss a key just inserted). */
+int64_t hybrid_test_count(struct hybrid_map *m, uint32_t nkeys, uint64_t iters, uint64_t seed)
+{
+    uint64_t zero[64] = {0};
+    uint64_t s = seed | 1;
+    int64_t errors = 0;
+
+    if (m->key_size != 4 || m->value_size < 8 || m->value_size > sizeof(zero) || nkeys == 0)
+        return -EINVAL;
+    for (uint64_t n = 0; n < iters; n++) {
+        uint32_t k = (uint32_t)(xorshift(&s) % nkeys);
+        uint64_t *v = hybrid_map_lookup(m, &k);
+
+        if (!v) {
+            long r = hybrid_map_update(m, &k, zero, BPF_NOEXIST);
+
+            if (r && r != -EEXIST)
+                errors++;
+            v = hybrid_map_lookup(m, &k);
+            if (!v) {
+                errors += !is_lru(m->type);  /* LRU: another thread's insert may have evicted it */
+                continue;
+            }
+        }
+        __atomic_fetch_add(v, 1, __ATOMIC_RELAXED);
+    }
+    return errors;
+}
+
+#define CHURN_MAGIC 0x5a17c0ffee15600dull
+
+/* Random inserts, updates, deletes and lookups on the caller's own keys
+ * [key_base, key_base + nkeys) while others work on theirs; `present` is the
+ * caller's view of which keys exist.  Returns the number of results that
+ * differ from what a correct map must answer. */
+int64_t hybrid_test_churn(struct hybrid_map *m, uint32_t key_base, uint32_t nkeys, uint64_t iters, uint64_t seed,
+                          uint8_t *present)
+{
+    uint64_t s = seed | 1, val[8] = {0}, out[8];
+    int64_t bad = 0;
+
+    if (m->key_size != 4 || m->value_size < 24 || m->value_size > sizeof(val) || is_percpu(m->type) || nkeys == 0)
+        return -EINVAL;
+    for (uint64_t n = 0; n < iters; n++) {
+        uint64_t r = xorshift(&s);
+        uint32_t i = (uint32_t)(r % nkeys), k = key_base + i;
+        int op = (int)((r >> 32) % 5);
+        long ret;
+
+        val[0] = k;
+        val[1] = n;
+        val[2] = k ^ n ^ CHURN_MAGIC;
+        switch (op) {
+        case 0:
+            ret = hybrid_map_update(m, &k, val, BPF_NOEXIST);
+            bad += present[i] ? ret != -EEXIST : ret != 0;
+            present[i] = 1;
+            break;
+        case 1:
+            ret = hybrid_map_update(m, &k, val, BPF_EXIST);
+            bad += present[i] ? ret != 0 : ret != -ENOENT;
+            break;
+        case 2:
+            ret = hybrid_map_delete(m, &k);
+            bad += present[i] ? ret != 0 : ret != -ENOENT;
+            present[i] = 0;
+            break;
+        case 3:
+            ret = hybrid_map_lookup_copy(m, &k, out);
+            if (present[i])
+                bad += ret != 0 || out[0] != k || out[2] != (out[0] ^ out[1] ^ CHURN_MAGIC);
+            else
+                bad += ret != -ENOENT;
+            break;
+        default: {
+            uint64_t *v = hybrid_map_lookup(m, &k);
+
+            bad += present[i] ? (v == NULL || v[0] != k) : v != NULL;
+        }
+        }
+    }
+    return bad;
+}
+
+/* Overwrites (BPF_ANY) and snapshot lookups on shared keys; a lookup copy
+ * must never see a value of another key or a torn value. */
+int64_t hybrid_test_replace(struct hybrid_map *m, uint32_t nkeys, uint64_t iters, uint64_t seed)
+{
+    uint64_t s = seed | 1, val[8] = {0}, out[8];
+    int64_t bad = 0;
+
+    if (m->key_size != 4 || m->value_size < 24 || m->value_size > sizeof(val) || is_percpu(m->type) || nkeys == 0)
+        return -EINVAL;
+    for (uint64_t n = 0; n < iters; n++) {
+        uint64_t r = xorshift(&s);
+        uint32_t k = (uint32_t)(r % nkeys);
+
+        if ((r >> 40) & 1) {
+            val[0] = k;
+            val[1] = r;
+            val[2] = k ^ r ^ CHURN_MAGIC;
+            if (hybrid_map_update(m, &k, val, BPF_ANY) != 0)
+                bad++;
+        } else if (hybrid_map_lookup_copy(m, &k, out) == 0) {
+            bad += out[0] != k || out[2] != (out[0] ^ out[1] ^ CHURN_MAGIC);
+        }
+    }
+    return bad;
+}
+
+static double now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+/* Average ns of one operation over `iters` calls:
+ *   0 hybrid_map_lookup            1 the lookup helper through a pointer (as JIT code calls it)
+ *   2 update BPF_ANY               3 lookup_copy
+ *   4 ringbuf_output (value = u64 size)   5 ringbuf reserve + submit   6 perf_output (current CPU)
+ *   7 delete + insert              8 current CPU slot                  9 lookup + atomic add */
+double hybrid_bench_ns(struct hybrid_map *m, int op, const void *key, const void *value, uint64_t iters)
+{
+    uint64_t (*volatile helper)(uint64_t, uint64_t, uint64_t, uint64_t, uint64_t) = hybrid_helper_map_lookup_elem;
+    unsigned char buf[4096];
+    uint64_t sink = 0, size = 0;
+    double t0;
+
+    if (op == 4 || op == 5 || op == 6) {
+        memcpy(&size, value, 8);
+        if (size > sizeof(buf))
+            return -1;
+        memset(buf, 0x5a, size);
+    }
+    t0 = now_ns();
+    for (uint64_t n = 0; n < iters; n++) {
+        switch (op) {
+        case 0:
+            sink += (uintptr_t)hybrid_map_lookup(m, key);
+            break;
+        case 1:
+            sink += helper((uintptr_t)m, (uintptr_t)key, 0, 0, 0);
+            break;
+        case 2:
+            sink += (uint64_t)hybrid_map_update(m, key, value, BPF_ANY);
+            break;
+        case 3:
+            sink += (uint64_t)hybrid_map_lookup_copy(m, key, buf);
+            break;
+        case 4:
+            sink += (uint64_t)hybrid_ringbuf_output(m, buf, size, BPF_RB_NO_WAKEUP);
+            break;
+        case 5: {
+            void *p = hybrid_ringbuf_reserve(m, size, 0);
+
+            if (p) {
+                memset(p, 0, size);
+                hybrid_ringbuf_submit(p, BPF_RB_NO_WAKEUP);
+            }
+            sink += (uintptr_t)p;
+            break;
+        }
+        case 6:
+            sink += (uint64_t)hybrid_perf_output(m, BPF_F_CURRENT_CPU, buf, size);
+            break;
+        case 7:
+            sink += (uint64_t)hybrid_map_delete(m, key);
+            sink += (uint64_t)hybrid_map_update(m, key, value, BPF_ANY);
+            break;
+        case 8:
+            sink += cpu_slot(m->nr_cpus);
+            break;
+        case 9: {
+            uint64_t *v = hybrid_map_lookup(m, key);
+
+            if (v)
+                __atomic_fetch_add(v, 1, __ATOMIC_RELAXED);
+            break;
+        }
+        default:
+            return -1;
+        }
+    }
+    __asm__ __volatile__("" ::"r"(sink));
+    return (now_ns() - t0) / (double)(iters ? iters : 1);
+}
