@@ -23,18 +23,22 @@ def _native():
     return _native
 
 
-def helper_address(name: str) -> int:
-    """Address of the native helper ``hybrid_helper_<name>``, as an int.
+def symbol_address(symbol: str) -> int:
+    """Address of the runtime function ``symbol``, as an int.
 
-    The function takes five uint64_t arguments and returns a uint64_t.
-    Raises EngineError when the native module is not built or has no such helper.
+    Raises EngineError when the native module is not built or has no such function.
     """
     mod = _native()
     try:
-        fn = mod.ffi.addressof(mod.lib, "hybrid_helper_" + name)
+        fn = mod.ffi.addressof(mod.lib, symbol)
     except AttributeError as e:
-        raise EngineError(f"no native helper named {name!r}") from e
+        raise EngineError(f"the native runtime has no function {symbol!r}") from e
     return int(mod.ffi.cast("uintptr_t", fn))
+
+
+def helper_address(name: str) -> int:
+    """Address of the native helper ``hybrid_helper_<name>`` (five uint64_t in, one out)."""
+    return symbol_address("hybrid_helper_" + name)
 
 
 def module_path() -> str:

@@ -913,6 +913,31 @@ int hybrid_prog_register(uint32_t id, void *entry)
     return 0;
 }
 
+/* Tail calls.  A tail call runs the target on the native stack and the
+ * caller returns its result at once, so a chain of tail calls is a chain of
+ * nested calls: the depth per thread is bounded like the kernel's
+ * MAX_TAIL_CALL_CNT, and a program that tail-calls itself ends instead of
+ * overflowing the stack. */
+#define MAX_TAIL_CALL_CNT 33
+static __thread uint32_t tail_call_depth;
+
+void *hybrid_tail_call_target(struct hybrid_map *m, uint32_t index)
+{
+    if (tail_call_depth >= MAX_TAIL_CALL_CNT)
+        return NULL;
+    return hybrid_prog_array_get(m, index);
+}
+
+uint64_t hybrid_tail_call_run(void *entry, void *ctx)
+{
+    uint64_t r;
+
+    tail_call_depth++;
+    r = ((uint64_t(*)(void *, uint64_t))entry)(ctx, 0);
+    tail_call_depth--;
+    return r;
+}
+
 void *hybrid_prog_array_get(struct hybrid_map *m, uint32_t index)
 {
     uint64_t slot;

@@ -71,6 +71,8 @@ long hybrid_map_peek(struct hybrid_map *m, void *value);
 long hybrid_stackmap_store(struct hybrid_map *m, const uint64_t *ips, uint32_t nr, uint64_t flags);
 int hybrid_prog_register(uint32_t id, void *entry);
 void *hybrid_prog_array_get(struct hybrid_map *m, uint32_t index);
+void *hybrid_tail_call_target(struct hybrid_map *m, uint32_t index);   /* NULL: empty slot, or 33 deep */
+uint64_t hybrid_tail_call_run(void *entry, void *ctx);                   /* runs the target, depth counted */
 uint32_t hybrid_current_cpu(void);
 
 /* --- ring buffer and perf event array ------------------------------------ */

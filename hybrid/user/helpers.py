@@ -444,6 +444,22 @@ def trace_pipe_path() -> str:
     return os.environ.get("HYBRID_TRACE_PIPE") or "/dev/shm/hybrid-trace"
 
 
+# bpf_tail_call (12) is no ordinary call: on success the caller never goes
+# on.  The engines lower it themselves (the interpreter switches programs,
+# native code calls the target and returns its result); its spec only makes
+# the id known to the verifier.
+TAIL_CALL = 12
+
+
+def _py_tail_call(mem: Memory, *_: int) -> int:
+    raise _vm_error("bpf_tail_call is handled by the engine, not called as a helper")
+
+
+TAIL_CALL_SPEC = HelperSpec(TAIL_CALL, "tail_call", _py_tail_call)
+
 # Every helper hybrid implements, by kernel id: what Program.load allows by default.
-ALL_HELPERS: dict[int, HelperSpec] = {**BASE_HELPERS, **MAP_HELPERS, **TRACE_HELPERS}
-assert len(ALL_HELPERS) == len(BASE_HELPERS) + len(MAP_HELPERS) + len(TRACE_HELPERS), "helper ids overlap"
+ALL_HELPERS: dict[int, HelperSpec] = {**BASE_HELPERS, **MAP_HELPERS, **TRACE_HELPERS, TAIL_CALL: TAIL_CALL_SPEC}
+assert len(ALL_HELPERS) == len(BASE_HELPERS) + len(MAP_HELPERS) + len(TRACE_HELPERS) + 1, "helper ids overlap"
+
+# Runtime functions (not helpers) that lowered code calls by name.
+RUNTIME_SYMBOLS = ("hybrid_tail_call_target", "hybrid_tail_call_run")

@@ -17,6 +17,7 @@ from typing import Callable
 from hybrid.errors import VmError
 from hybrid.user import isa
 from hybrid.user.engine import EngineBase
+from hybrid.user.helpers import TAIL_CALL
 from hybrid.user.isa import OPS, Insn, Kind
 from hybrid.user.program import Program
 
@@ -138,6 +139,19 @@ class Memory:
         ctypes.memmove(addr, data, len(data))
 
 
+# Programs that tail calls can reach in the interpreter, by the id a PROG_ARRAY holds
+# (the native engines use hybrid.user.maps.register_program for the same ids).
+TAIL_PROGRAMS: dict[int, Program] = {}
+MAX_TAIL_CALLS = 33
+
+
+class _TailCallDone(Exception):
+    """A tail call ran the target to its end: the whole program returns ``value``."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+
 class Interpreter(EngineBase):
     """Runs a program instruction by instruction in Python."""
 
@@ -156,13 +170,18 @@ class Interpreter(EngineBase):
             self.memory.add(region.start, region.size, region.name, region.writable)
         self._depth = 0
         self._budget = max_steps
+        self.tail_calls = 0  # how many tail calls led here
 
     def run_ptr(self, addr: int, size: int) -> int:
         self.memory.add(addr, size, "context")
         try:
             self._depth = 0
             self._budget = self.max_steps
-            return self._execute(0, (addr & M64, size, 0, 0, 0))
+            self._ctx = (addr, size)
+            try:
+                return self._execute(0, (addr & M64, size, 0, 0, 0))
+            except _TailCallDone as done:
+                return done.value
         finally:
             self.memory.remove(addr) if size else None
 
@@ -255,6 +274,12 @@ class Interpreter(EngineBase):
             self._depth += 1
             regs[10] = (regs[10] - isa.STACK_SIZE) & M64
             return isa.jump_target(insn, pc)
+        elif k is Kind.CALL and insn.src == isa.CALL_HELPER and insn.imm == TAIL_CALL:
+            target = self._tail_target(regs[2], regs[3])
+            if target is None:
+                regs[0] = -errno.ENOENT & M64
+            else:
+                raise _TailCallDone(target.run_ptr(*self._ctx))
         elif isa.is_core_poison(insn):
             raise VmError("reached an instruction whose CO-RE relocation failed (libbpf's poison call)")
         elif k in (Kind.CALL, Kind.CALLX):
@@ -269,6 +294,22 @@ class Interpreter(EngineBase):
         else:  # the verifier refuses everything else
             raise VmError("instruction not supported by the interpreter")
         return nxt
+
+    def _tail_target(self, map_address: int, index: int) -> "Interpreter | None":
+        from hybrid.user.maps import map_at
+
+        if self.tail_calls >= MAX_TAIL_CALLS:
+            return None
+        prog_array = map_at(map_address)
+        if prog_array is None:
+            raise VmError("bpf_tail_call: %#x is not a map" % map_address)
+        value = prog_array.lookup((index & M32).to_bytes(4, "little")) if index & M32 < prog_array.max_entries else None
+        program = TAIL_PROGRAMS.get(int.from_bytes(value, "little")) if value else None
+        if program is None:
+            return None
+        target = Interpreter(program, max_steps=self._budget)
+        target.tail_calls = self.tail_calls + 1
+        return target
 
     @staticmethod
     def _atomic(insn: Insn, info, regs: list[int], mem: Memory) -> None:

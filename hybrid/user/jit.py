@@ -15,7 +15,7 @@ from hybrid import native
 from hybrid.errors import EngineError
 from hybrid.user import codegen
 from hybrid.user.engine import NativeEngine, NativeEntry
-from hybrid.user.helpers import HelperSpec
+from hybrid.user.helpers import RUNTIME_SYMBOLS, HelperSpec
 from hybrid.user.lower import ENTRY, used_helpers
 from hybrid.user.program import Program
 
@@ -24,6 +24,8 @@ def bind_helpers(helpers: list[HelperSpec]) -> None:
     """Make the native implementations of ``helpers`` visible to the JIT linker."""
     for spec in helpers:
         llvm.add_symbol(spec.symbol, native.helper_address(spec.native or spec.name))
+    for symbol in RUNTIME_SYMBOLS:
+        llvm.add_symbol(symbol, native.symbol_address(symbol))
 
 
 class LlvmJit(NativeEngine):

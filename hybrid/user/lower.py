@@ -41,7 +41,7 @@ from llvmlite import ir
 
 from hybrid.errors import EngineError
 from hybrid.user import isa
-from hybrid.user.helpers import HelperSpec
+from hybrid.user.helpers import TAIL_CALL, HelperSpec
 from hybrid.user.isa import OPS, Insn, Kind
 from hybrid.user.program import Program
 
@@ -126,8 +126,8 @@ def helper_ids(program: Program) -> list[int]:
 
 
 def used_helpers(program: Program) -> list[HelperSpec]:
-    """The helper specs whose native symbols the lowered module refers to."""
-    return [program.helpers[h] for h in helper_ids(program) if h in program.helpers]
+    """The helper specs whose native symbols the lowered module refers to (tail calls are lowered inline)."""
+    return [program.helpers[h] for h in helper_ids(program) if h in program.helpers and h != TAIL_CALL]
 
 
 # --- per-subprogram state ----------------------------------------------------
@@ -444,6 +444,9 @@ def lower_call(fr: Frame, insn: Insn) -> None:
         return
     if insn.src == isa.CALL_LOCAL:
         fn = fr.mod.functions[isa.jump_target(insn, fr.slot)]
+    elif insn.src == isa.CALL_HELPER and insn.imm == TAIL_CALL:
+        lower_tail_call(fr)
+        return
     elif insn.src == isa.CALL_HELPER:
         if insn.imm not in fr.mod.program.helpers:
             raise fr.error("unknown helper %d" % insn.imm)
@@ -451,6 +454,38 @@ def lower_call(fr: Frame, insn: Insn) -> None:
     else:
         raise fr.error("kfunc calls are not supported")
     fr.write(0, _call_with_args(fr, fn))
+
+
+TAIL_TARGET_TYPE = ir.FunctionType(PTR, [PTR, I32])
+TAIL_RUN_TYPE = ir.FunctionType(I64, [PTR, PTR])
+
+
+def _runtime_function(mod: "ModuleState", name: str, fnty: ir.FunctionType) -> ir.Function:
+    fn = mod.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(mod.module, fnty, name)
+        fn.attributes.add("nounwind")
+    return fn
+
+
+def lower_tail_call(fr: Frame) -> None:
+    """``bpf_tail_call(ctx, prog_array, index)``: run the target and return its r0, or go on with -ENOENT.
+
+    The runtime bounds the chain at 33 like the kernel; the verifier allows
+    tail calls only in the main program, so returning here ends the program.
+    """
+    b = fr.builder
+    target_fn = _runtime_function(fr.mod, "hybrid_tail_call_target", TAIL_TARGET_TYPE)
+    run_fn = _runtime_function(fr.mod, "hybrid_tail_call_run", TAIL_RUN_TYPE)
+    target = b.call(target_fn, [b.inttoptr(fr.read(2), PTR), b.trunc(fr.read(3), I32)])
+    fn = b.function
+    taken = fn.append_basic_block("tail%d.go" % fr.slot)
+    missed = fn.append_basic_block("tail%d.miss" % fr.slot)
+    b.cbranch(b.icmp_unsigned("==", target, ir.Constant(PTR, None)), missed, taken)
+    b.position_at_end(taken)
+    b.ret(b.call(run_fn, [target, b.inttoptr(fr.read(1), PTR)]))
+    b.position_at_end(missed)
+    fr.write(0, const(64, -errno.ENOENT))
 
 
 def lower_callx(fr: Frame, insn: Insn) -> None:
@@ -461,7 +496,7 @@ def lower_callx(fr: Frame, insn: Insn) -> None:
     join = fn.append_basic_block("callx%d.join" % fr.slot)
     unknown = fn.append_basic_block("callx%d.unknown" % fr.slot)
     switch = b.switch(target, unknown)
-    for hid in sorted(fr.mod.program.helpers):
+    for hid in sorted(h for h in fr.mod.program.helpers if h != TAIL_CALL):
         case = fn.append_basic_block("callx%d.h%d" % (fr.slot, hid))
         switch.add_case(const(64, hid), case)
         b.position_at_end(case)

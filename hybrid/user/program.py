@@ -7,7 +7,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from hybrid.user import isa
-from hybrid.user.helpers import BASE_HELPERS, HelperTable
+from hybrid.user.helpers import ALL_HELPERS, HelperTable
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Program:
 
     insns: tuple[isa.Insn, ...]
     name: str = "prog"
-    helpers: HelperTable = field(default_factory=lambda: BASE_HELPERS)
+    helpers: HelperTable = field(default_factory=lambda: ALL_HELPERS)
     maps: Mapping[int, MapRef] = field(default_factory=lambda: _NO_MAPS)
     regions: tuple[MemRegion, ...] = ()
 
@@ -61,7 +61,7 @@ class Program:
         from hybrid.user.verifier import verify
 
         insns = tuple(isa.decode(code)) if isinstance(code, (bytes, bytearray, memoryview)) else tuple(code)
-        prog = cls(insns, name, BASE_HELPERS if helpers is None else helpers,
+        prog = cls(insns, name, ALL_HELPERS if helpers is None else helpers,
                    _NO_MAPS if not maps else MappingProxyType(dict(maps)), tuple(regions))
         verify(prog)
         return prog

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from hybrid.errors import VerifierError
 from hybrid.user import isa
+from hybrid.user.helpers import TAIL_CALL
 from hybrid.user.isa import OPS, Insn, Kind
 
 NREGS = 11
@@ -194,6 +195,9 @@ class _Checker:
                             % ("the program" if sub.end == self.nslots else "subprogram at insn #%d" % sub.start))
             for pc in self.pcs(sub):
                 insn = self.insns[self.at[pc]]
+                if (sub.start != 0 and OPS[insn.opcode].kind is Kind.CALL and insn.src == isa.CALL_HELPER
+                        and insn.imm == TAIL_CALL):
+                    raise _fail(pc, insn, "bpf_tail_call in a subprogram is not supported; call it from the main program")
                 if OPS[insn.opcode].kind in (Kind.JA, Kind.JCOND):
                     target = isa.jump_target(insn, pc)
                     if not sub.start <= target < sub.end:
