@@ -54,10 +54,28 @@ def _run(args: argparse.Namespace) -> int:
     from hybrid.user.engine import create_engine
     from hybrid.user.program import Program
 
-    prog = Program.load(_read_program(args.file), name=Path(args.file).name)
-    ctx = bytes.fromhex(args.mem.replace(" ", "")) if args.mem else b""
+    data = _read_program(args.file)
+    ctx = bytearray(bytes.fromhex(args.mem.replace(" ", "")) if args.mem else b"")
+    if data[:4] == b"\x7fELF":
+        return _run_object(data, args, ctx)
+    prog = Program.load(data, name=Path(args.file).name)
     with create_engine(args.engine, prog) as engine:
-        print("%#x" % engine.run(bytearray(ctx)))
+        print("%#x" % engine.run(ctx))
+    return 0
+
+
+def _run_object(data: bytes, args: argparse.Namespace, ctx: bytearray) -> int:
+    from hybrid.errors import HybridError
+    from hybrid.user.object import load
+
+    with load(data) as obj:
+        names = sorted(obj.programs)
+        name = args.program or (names[0] if len(names) == 1 else None)
+        if name not in obj.programs:
+            raise HybridError("%s: %s (programs: %s)" % (
+                args.file, "no program %r" % name if name else "several programs: choose one with -p",
+                ", ".join(names) or "none"))
+        print("%#x" % obj.programs[name].run(ctx, engine=args.engine))
     return 0
 
 
@@ -81,12 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", help="write the bytecode here (default: standard output)")
     a.set_defaults(func=_asm)
 
-    prog = sub.add_parser("prog", help="programs: run raw bytecode once")
+    prog = sub.add_parser("prog", help="programs: run one once")
     prog_sub = prog.add_subparsers(dest="prog_command", required=True, metavar="ACTION")
-    r = prog_sub.add_parser("run", help="verify and run raw bytecode once, print r0")
-    r.add_argument("file", help="bytecode file, or - for standard input")
+    r = prog_sub.add_parser("run", help="verify and run a program once, print r0")
+    r.add_argument("file", help="raw bytecode or a clang-compiled ELF object, or - for standard input")
     r.add_argument("--engine", choices=engines, default="jit")
     r.add_argument("--mem", help="input memory as hex bytes (r1 points at it, r2 is its length)")
+    r.add_argument("-p", "--program", help="with an ELF object: the program to run (needed when it has several)")
     r.set_defaults(func=_run)
     return p
 

@@ -66,3 +66,13 @@ def test_bad_program_is_a_clear_error_not_a_traceback(tmp_path):
     proc = subprocess.run(HYBRID + ["prog", "run", str(out)], capture_output=True, text=True)
     assert proc.stderr.strip() == "hybrid: VerifierError: insn #0 (call 63): unknown helper 63"
     assert "Traceback" not in proc.stderr
+
+
+def test_prog_run_an_elf_object(bpf_build, capsys):
+    obj = str(bpf_build.obj("run_basic"))
+    regs = bytearray(168)
+    regs[112:120] = (5).to_bytes(8, "little")  # di: the first argument
+    assert main(["prog", "run", obj, "-p", "count", "--engine", "jit", "--mem", regs.hex()]) == 0
+    assert capsys.readouterr().out.strip() == "0xf"  # bpf_loop's 10 + 5
+    assert main(["prog", "run", obj]) == 2
+    assert "several programs: choose one with -p (programs: count, tail_target)" in capsys.readouterr().err
