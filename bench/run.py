@@ -57,10 +57,25 @@ def _engines_missed(json_path: Path) -> list[str]:
             for r in bench_engines.load_rows(json_path) if r.goal_met is False]
 
 
+def _maps_report(json_path: Path) -> str:
+    import bench_maps
+
+    return bench_maps.summarize(json_path)
+
+
+def _maps_missed(json_path: Path) -> list[str]:
+    import bench_maps
+
+    return bench_maps.missed_goals(json_path)
+
+
 SUITES: list[Suite] = [
     Suite("engines", "bench_engines.py",
           "gcc -O2 / JIT / AOT / interpreter on sieve, loop, stack_mix, helpers",
           _engines_report, _engines_missed),
+    Suite("maps", "bench_maps.py",
+          "map lookup/update/delete, hybrid's JIT (and AOT) vs the kernel (BPF_PROG_TEST_RUN)",
+          _maps_report, _maps_missed),
 ]
 
 

@@ -12,6 +12,8 @@ needed) has this shape:
   recursion, so LLVM is free to inline every call;
 * ``declare i64 @hybrid_helper_<name>(i64 x5)`` per helper the program can
   call, resolved by the JIT (``llvm.add_symbol``) or the dynamic linker (AOT).
+  ``bpf_map_lookup_elem`` on an ARRAY or PERCPU_ARRAY map is inlined (see
+  :func:`lower_map_lookup`), as the kernel's JIT does.
 
 Registers are ``alloca i64`` slots that SROA/mem2reg turn into SSA values.
 Stack accesses with ``r10`` as base become GEPs into the frame's ``alloca``;
@@ -43,7 +45,7 @@ from hybrid.errors import EngineError
 from hybrid.user import isa
 from hybrid.user.helpers import TAIL_CALL, HelperSpec
 from hybrid.user.isa import OPS, Insn, Kind
-from hybrid.user.program import Program
+from hybrid.user.program import MapRef, Program
 
 ENTRY = "bpf_entry"
 
@@ -61,6 +63,9 @@ MODE_MASK = 0xE0  # the mode bits of a load/store opcode (isa.MODE_*)
 # does not happen, r0 receives -ENOENT and the program goes on.  (The
 # interpreter does the same.)
 CALLX_UNKNOWN = -errno.ENOENT
+
+MAP_LOOKUP = 1  # bpf_map_lookup_elem, inlined for array maps (lower_map_lookup)
+CURRENT_CPU_TYPE = ir.FunctionType(I32, [])  # u32 hybrid_current_cpu(void), for per-CPU arrays
 
 HOST_LITTLE = sys.byteorder == "little"
 
@@ -142,6 +147,26 @@ class ModuleState:
     functions: dict[int, ir.Function]  # subprogram start slot -> function
     resolve_lddw: LddwResolver | None
     helpers: dict[int, ir.Function] = field(default_factory=dict)  # helper id -> declaration
+    _inline_arrays: list[MapRef] | None = field(default=None, init=False, repr=False)
+
+    def inline_arrays(self) -> list[MapRef]:
+        """The array maps whose lookups are inlined: those the program loads with ``lddw rX, map``.
+
+        Empty when the lddw values come from a resolver (the maps' addresses
+        are then not the values the inlined lookups would compare r1 with),
+        or when helper 1 is not the standard ``map_lookup_elem``.
+        """
+        if self._inline_arrays is None:
+            refs: dict[int, MapRef] = {}
+            spec = self.program.helpers.get(MAP_LOOKUP)
+            if self.resolve_lddw is None and spec is not None and spec.name == "map_lookup_elem":
+                for insn in self.program.insns:
+                    if OPS[insn.opcode].kind is Kind.LDDW and insn.src in (isa.PSEUDO_MAP_FD, isa.PSEUDO_MAP_IDX):
+                        ref = self.program.maps.get(insn.imm)
+                        if ref is not None and ref.inline_array is not None:
+                            refs.setdefault(ref.address, ref)
+            self._inline_arrays = [refs[a] for a in sorted(refs)]
+        return self._inline_arrays
 
     def helper(self, hid: int) -> ir.Function:
         """The declaration of helper ``hid``, added on first use."""
@@ -164,6 +189,7 @@ class Frame:
     blocks: dict[int, ir.Block]  # leader slot -> block
     mod: ModuleState
     fp: ir.Value | None = None  # r10 as an integer, made on first use (see :meth:`read`)
+    fp_offsets: dict[int, int] = field(default_factory=dict)  # reg -> off: holds r10 + off (this block)
     slot: int = 0
     insn: Insn = Insn(0)
 
@@ -447,6 +473,9 @@ def lower_call(fr: Frame, insn: Insn) -> None:
     elif insn.src == isa.CALL_HELPER and insn.imm == TAIL_CALL:
         lower_tail_call(fr)
         return
+    elif insn.src == isa.CALL_HELPER and insn.imm == MAP_LOOKUP and fr.mod.inline_arrays():
+        lower_map_lookup(fr)
+        return
     elif insn.src == isa.CALL_HELPER:
         if insn.imm not in fr.mod.program.helpers:
             raise fr.error("unknown helper %d" % insn.imm)
@@ -454,6 +483,100 @@ def lower_call(fr: Frame, insn: Insn) -> None:
     else:
         raise fr.error("kfunc calls are not supported")
     fr.write(0, _call_with_args(fr, fn))
+
+
+def lower_map_lookup(fr: Frame) -> None:
+    """``bpf_map_lookup_elem(map, key)`` with the array maps' lookups inlined.
+
+    A ``switch`` on r1 over the addresses of the program's array maps
+    (:meth:`ModuleState.inline_arrays`): for one of them, ``r0 = &value[*key]``
+    computed in place (NULL for an index out of range or a NULL key, as the
+    helper answers); for any other map, the helper.  ``r1`` is nearly always
+    the constant of an ``lddw``, so LLVM folds the switch to one side and
+    the helper call disappears for arrays.  Comparing the run-time value keeps
+    this exact whatever r1 holds.
+    """
+    b = fr.builder
+    fn = b.function
+    m, key = fr.read(1), fr.read(2)
+    join = fn.append_basic_block("lookup%d.join" % fr.slot)
+    slow = fn.append_basic_block("lookup%d.helper" % fr.slot)
+    switch = b.switch(m, slow)
+    for n, ref in enumerate(fr.mod.inline_arrays()):
+        case = fn.append_basic_block("lookup%d.%s" % (fr.slot, n))
+        switch.add_case(const(64, ref.address), case)
+        b.position_at_end(case)
+        fr.write(0, const(64, 0))  # a NULL key finds nothing
+        read = fn.append_basic_block("lookup%d.%s.key" % (fr.slot, n))
+        b.cbranch(b.icmp_unsigned("!=", key, const(64, 0)), read, join)
+        b.position_at_end(read)
+        fr.write(0, _array_slot(fr, m, key, ref))
+        b.branch(join)
+    b.position_at_end(slow)
+    fr.write(0, _call_with_args(fr, fr.mod.helper(MAP_LOOKUP)))
+    b.branch(join)
+    b.position_at_end(join)
+
+
+def _array_slot(fr: Frame, m: ir.Value, key: ir.Value, ref: MapRef) -> ir.Value:
+    """``&value[*key]`` of the array at ``m`` (of the current CPU's values if per-CPU), 0 if out of range."""
+    b = fr.builder
+    lay = ref.inline_array
+    off = fr.fp_offsets.get(2)
+    if off is not None and -isa.STACK_SIZE <= off <= -4:  # the usual key on the stack: a load LLVM can see
+        idx = b.load(address(fr, FP, off), typ=I32)
+        idx.align = 1
+        idx = freeze(b, idx)
+    else:
+        idx = b.load(b.inttoptr(key, PTR), typ=I32)
+        idx.align = 1
+    addr = b.add(m, const(64, lay.offset))
+    if lay.percpu and lay.nr_cpus > 1:
+        cpu = b.call(_current_cpu(fr.mod), [])
+        n = const(32, lay.nr_cpus)
+        slot = b.select(b.icmp_unsigned("<", cpu, n), cpu, b.urem(cpu, n))  # as cpu_slot() in maps_impl.h
+        addr = b.add(addr, b.mul(b.zext(slot, I64), const(64, lay.plane)))
+    addr = b.add(addr, b.mul(b.zext(idx, I64), const(64, lay.stride)))
+    return b.select(b.icmp_unsigned("<", idx, const(32, lay.max_entries)), addr, const(64, 0))
+
+
+def track_fp_offsets(known: dict[int, int], insn: Insn) -> None:
+    """Update ``known`` (register -> off, for registers holding ``r10 + off``) after ``insn``.
+
+    Only ``mov rX, r10`` and ``add rX, imm`` (64-bit) are followed; any
+    other write to a register, and every call (r0-r5), forgets it.
+    """
+    info = OPS[insn.opcode]
+    kind = info.kind
+    if kind is Kind.ALU and info.bits == 64 and insn.off == 0:
+        op = isa.ALU_OPS[info.op]
+        if op == "mov" and info.reg_src and insn.src == FP:
+            known[insn.dst] = 0
+            return
+        if op == "add" and not info.reg_src and insn.dst in known:
+            known[insn.dst] += insn.imm
+            return
+    if kind in (Kind.ALU, Kind.END, Kind.LDX, Kind.LDDW):
+        known.pop(insn.dst, None)
+    elif kind is Kind.ATOMIC:
+        known.pop(insn.src, None)
+        known.pop(0, None)
+    elif kind in (Kind.CALL, Kind.CALLX):
+        for r in range(6):
+            known.pop(r, None)
+
+
+def _current_cpu(mod: "ModuleState") -> ir.Function:
+    """``u32 hybrid_current_cpu(void)``, declared ``readnone``: LLVM may read it once per run.
+
+    The kernel runs a program with migration disabled, so one run sees one
+    CPU; reading it once keeps a run on one CPU's values.
+    """
+    fn = mod.module.globals.get("hybrid_current_cpu")
+    if fn is None:
+        fn = _runtime_function(mod, "hybrid_current_cpu", CURRENT_CPU_TYPE)
+        fn.attributes.add("readnone")
+    return fn
 
 
 TAIL_TARGET_TYPE = ir.FunctionType(PTR, [PTR, I32])
@@ -568,10 +691,12 @@ def lower_subprog(mod: ModuleState, sub: Subprog, slots: list[int]) -> None:
             if not b.block.is_terminated:
                 b.branch(fr.blocks[slot])
             b.position_at_end(fr.blocks[slot])
+            fr.fp_offsets.clear()
         fr.slot, fr.insn = slot, insn
         if b.block.is_terminated:
             continue  # unreachable code after exit/ja
         LOWER[OPS[insn.opcode].kind](fr, insn)
+        track_fp_offsets(fr.fp_offsets, insn)
     if not b.block.is_terminated:
         raise fr.error("falls through the end of the subprogram")
 

@@ -628,12 +628,16 @@ class Map:
         """This map as a ``MapRef`` (what ``lddw`` of the map and of its value resolve to)."""
         from hybrid.user.program import MapRef
 
-        return MapRef(self.name, self.address, self.value_size, self.value_address)
+        return MapRef(self.name, self.address, self.value_size, self.value_address, self.array_layout())
 
     @property
     def value_address(self) -> int:
         """Address of the map's values for direct access (``lddw`` map value); 0 when not addressable."""
         return 0
+
+    def array_layout(self):
+        """Where the values of an ARRAY / PERCPU_ARRAY are (for inlined lookups); None for other maps."""
+        return None
 
     @property
     def lost(self) -> int:
@@ -670,6 +674,11 @@ class ArrayMap(Map):
         """Address of value 0; value i is at ``value_address + i * round_up(value_size, 8)``
         (what ``lddw rX, map_value + off`` resolves to)."""
         return int(ffi.cast("uintptr_t", lib.hybrid_map_lookup(self._p(), b"\0\0\0\0")))
+
+    def array_layout(self):
+        from hybrid.user.program import ArrayLayout
+
+        return ArrayLayout(self.value_address - self.address, (self.value_size + 7) // 8 * 8, self.max_entries)
 
 
 @register(MapType.LPM_TRIE)
@@ -731,6 +740,15 @@ class PerCpuHash(_PerCpu):
 @register(MapType.PERCPU_ARRAY)
 class PerCpuArray(_PerCpu):
     """PERCPU_ARRAY."""
+
+    def array_layout(self):
+        from hybrid.user.program import ArrayLayout
+
+        def value0(cpu: int) -> int:  # value 0 of ``cpu``
+            return int(ffi.cast("uintptr_t", lib.hybrid_map_lookup_cpu(self._p(), b"\0\0\0\0", cpu)))
+
+        plane = value0(1) - value0(0) if self.nr_cpus > 1 else 0
+        return ArrayLayout(value0(0) - self.address, self._stride, self.max_entries, plane, self.nr_cpus)
 
 
 @register(MapType.PROG_ARRAY)

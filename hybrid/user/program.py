@@ -11,19 +11,43 @@ from hybrid.user.helpers import ALL_HELPERS, HelperTable
 
 
 @dataclass(frozen=True)
+class ArrayLayout:
+    """Where an array map keeps its values, for lookups inlined into native code.
+
+    Value ``i`` (of CPU ``c``, for a per-CPU array) is at
+    ``header + offset + c * plane + i * stride``, for ``i < max_entries``.
+    Offsets are from the map's header, so they hold wherever the map is
+    mapped.
+    """
+
+    offset: int
+    stride: int
+    max_entries: int
+    plane: int = 0  # per-CPU arrays: bytes from one CPU's values to the next; 0 for a plain array
+    nr_cpus: int = 0  # per-CPU arrays: the number of CPU slots; 0 for a plain array
+
+    @property
+    def percpu(self) -> bool:
+        return self.nr_cpus > 0
+
+
+@dataclass(frozen=True)
 class MapRef:
     """What an ``lddw`` with a map source resolves to.
 
     ``lddw rX, map`` (src 1 = map fd, src 5 = map index) yields ``address``,
     the map's header, which map helpers take; ``lddw rX, map_value + off``
     (src 2 or 6) yields ``value_address + off``, for maps whose value can be
-    addressed directly (arrays, global data).
+    addressed directly (arrays, global data).  ``inline_array`` describes an
+    ARRAY or PERCPU_ARRAY map's values so that the native engines can do its
+    ``bpf_map_lookup_elem`` without calling the helper.
     """
 
     name: str
     address: int
     value_size: int
     value_address: int = 0  # 0: no direct value access
+    inline_array: ArrayLayout | None = None  # None: lookups go through the helper
 
 
 @dataclass(frozen=True)
