@@ -1728,11 +1728,30 @@ uint64_t hybrid_helper_map_lookup_elem(uint64_t r1, uint64_t r2, uint64_t r3, ui
 }
 
 /*   2 */
+/* Maps whose entries name programs, maps or stacks: programs may not write
+ * them (the kernel's verifier refuses these calls; here the helper does), or
+ * a program could redirect another's tail calls. */
+static int program_may_write(const struct hybrid_map *m)
+{
+    switch (m->type) {
+    case BPF_MAP_TYPE_PROG_ARRAY:
+    case BPF_MAP_TYPE_ARRAY_OF_MAPS:
+    case BPF_MAP_TYPE_HASH_OF_MAPS:
+    case BPF_MAP_TYPE_PERF_EVENT_ARRAY:
+    case BPF_MAP_TYPE_STACK_TRACE:
+        return 0;
+    default:
+        return 1;
+    }
+}
+
 uint64_t hybrid_helper_map_update_elem(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
 {
     (void)r5;
     if (unlikely(!r1 || !r3))
         return NEG(-EINVAL);
+    if (unlikely(!program_may_write((struct hybrid_map *)(uintptr_t)r1)))
+        return NEG(-EPERM);
     return NEG(hybrid_map_update((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2,
                                  (const void *)(uintptr_t)r3, r4));
 }
@@ -1743,6 +1762,8 @@ uint64_t hybrid_helper_map_delete_elem(uint64_t r1, uint64_t r2, uint64_t r3, ui
     (void)r3; (void)r4; (void)r5;
     if (unlikely(!r1))
         return NEG(-EINVAL);
+    if (unlikely(!program_may_write((struct hybrid_map *)(uintptr_t)r1)))
+        return NEG(-EPERM);
     return NEG(hybrid_map_delete((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2));
 }
 

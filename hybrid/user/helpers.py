@@ -43,17 +43,24 @@ class HelperSpec:
 
 U64 = (1 << 64) - 1
 
+# Linux's clock id; Python's time module does not define CLOCK_MONOTONIC_COARSE (3.11, 3.12)
+CLOCK_MONOTONIC_COARSE = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)
+
 
 def _ns(clock: int) -> int:
     return time.clock_gettime_ns(clock) & U64
 
 
 def _comm(mem: Memory, buf: int, size: int, *_: int) -> int:
+    """The thread name, NUL-padded to ``size`` bytes (the kernel's strscpy_pad, as runtime.c's)."""
+    size &= 0xFFFFFFFF  # a u32, as the native helper reads it
     if size == 0:
         return -22 & U64  # -EINVAL
-    name = _thread_name()
-    data = name[: size - 1] + b"\0"
-    mem.write(buf, data)
+    check = getattr(mem, "check", None)
+    if check is not None:
+        check(buf, size, True)  # before building `size` bytes
+    name = _thread_name()[: size - 1]
+    mem.write(buf, name + bytes(size - len(name)))
     return 0
 
 
@@ -108,7 +115,7 @@ BASE_HELPERS: dict[int, HelperSpec] = {
         _spec(15, "get_current_uid_gid", lambda mem, *a: _uid_gid()),
         _spec(16, "get_current_comm", _comm),
         _spec(125, "ktime_get_boot_ns", lambda mem, *a: _ns(time.CLOCK_BOOTTIME)),
-        _spec(160, "ktime_get_coarse_ns", lambda mem, *a: _ns(time.CLOCK_MONOTONIC_COARSE)),
+        _spec(160, "ktime_get_coarse_ns", lambda mem, *a: _ns(CLOCK_MONOTONIC_COARSE)),
     )
 }
 
@@ -179,15 +186,19 @@ def _h_lookup(mem, r1, r2, *_):
 
 def _h_update(mem, r1, r2, r3, r4, *_):
     m = _map_arg(mem, r1, "map_update_elem")
-    key = mem.read(r2, m.key_size) if m.key_size else b""
-    value = mem.read(r3, m._c_value_size) if m._c_value_size else b""
-    return _native_maps().lib.hybrid_map_update(m._p(), key, value, r4) & U64
+    if m.key_size:
+        mem.read(r2, m.key_size)  # checks the key
+    if m._c_value_size:
+        mem.read(r3, m._c_value_size)  # checks the value
+    # the checked addresses go to the native helper itself: one implementation of its rules
+    return _native_maps().lib.hybrid_helper_map_update_elem(r1, r2 if m.key_size else 0, r3, r4, 0) & U64
 
 
 def _h_delete(mem, r1, r2, *_):
     m = _map_arg(mem, r1, "map_delete_elem")
-    key = mem.read(r2, m.key_size) if m.key_size else b""
-    return _native_maps().lib.hybrid_map_delete(m._p(), key) & U64
+    if m.key_size:
+        mem.read(r2, m.key_size)  # checks the key
+    return _native_maps().lib.hybrid_helper_map_delete_elem(r1, r2 if m.key_size else 0, 0, 0, 0) & U64
 
 
 def _h_perf_event_output(mem, r1, r2, r3, r4, r5):
@@ -462,4 +473,4 @@ ALL_HELPERS: dict[int, HelperSpec] = {**BASE_HELPERS, **MAP_HELPERS, **TRACE_HEL
 assert len(ALL_HELPERS) == len(BASE_HELPERS) + len(MAP_HELPERS) + len(TRACE_HELPERS) + 1, "helper ids overlap"
 
 # Runtime functions (not helpers) that lowered code calls by name.
-RUNTIME_SYMBOLS = ("hybrid_tail_call_target", "hybrid_tail_call_run")
+RUNTIME_SYMBOLS = ("hybrid_tail_call_target", "hybrid_tail_call_run", "hybrid_current_cpu")

@@ -143,8 +143,24 @@ class BpfObject:
         """The id a PROG_ARRAY holds for program ``name`` (``obj.maps["jmp"].update(k, obj.program_id("p"))``)."""
         return self.programs[name].id
 
+    def _unregister(self) -> None:
+        """Make this object's program ids tail-call nowhere (before their code and maps go away).
+
+        Ids are global: another object's PROG_ARRAY may hold one (set from
+        Python, or by a program's map_update_elem), and a tail call through it
+        must then fall through, not run freed code against unmapped maps.
+        """
+        from hybrid.user import interp
+        from hybrid.user.maps import register_program
+
+        for lp in getattr(self, "programs", {}).values():
+            interp.TAIL_PROGRAMS.pop(lp.id, None)
+            if getattr(self, "_active", None):
+                register_program(lp.id, 0)
+
     def close(self) -> None:
         """Free the engines and unmap the maps.  Idempotent."""
+        self._unregister()
         for lp in getattr(self, "programs", {}).values():
             lp.close()
         region, self.region = getattr(self, "region", None), None

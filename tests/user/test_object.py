@@ -55,3 +55,33 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_unknown_variable(bpf_build):
     with pytest.raises(HybridError, match="no_such_var"):
         hybrid.load(bpf_build.obj("run_basic"), values={"no_such_var": 1})
+
+
+WRITES_PROG_ARRAY = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+char LICENSE[] SEC("license") = "GPL";
+struct {
+    __uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+    __uint(max_entries, 2);
+    __type(key, u32);
+    __type(value, u32);
+} jumps SEC(".maps");
+SEC("uprobe")
+int redirect(struct pt_regs *ctx)
+{
+    u32 k = 0, id = PT_REGS_PARM1(ctx);
+    long update = bpf_map_update_elem(&jumps, &k, &id, 0);
+    long delete = bpf_map_delete_elem(&jumps, &k);
+    return update == -1 && delete == -1;   /* both -EPERM */
+}
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_programs_cannot_write_a_prog_array(bpf_build, engine):
+    # as the kernel's verifier: a program must not redirect other programs' tail calls
+    with hybrid.load(bpf_build.source("writes_prog_array", WRITES_PROG_ARRAY)) as obj:
+        assert obj.programs["redirect"].run(pt_regs(obj.program_id("redirect")), engine=engine) == 1
+        assert obj.maps["jumps"].lookup(b"\0\0\0\0") is None
