@@ -116,20 +116,13 @@ def program_map(program: str) -> str | None:
 
 
 def _clang_system_includes(clang: str) -> list[str]:
-    """clang's own include directories as ``-idirafter`` flags (for <asm/types.h>), as libbpf-bootstrap does."""
+    from hybrid.errors import HybridError
+    from hybrid.user.toolchain import clang_system_includes
+
     try:
-        v = subprocess.run([clang, "-v", "-E", "-"], input="", capture_output=True, text=True).stderr
-    except OSError as e:
-        raise BuildError("cannot run %r: %s" % (clang, e.strerror)) from None
-    flags, inside = [], False
-    for line in v.splitlines():
-        if line.startswith("#include <...> search starts here"):
-            inside = True
-        elif line.startswith("End of search list"):
-            inside = False
-        elif inside and line.startswith(" /"):
-            flags += ["-idirafter", line.strip()]
-    return flags
+        return list(clang_system_includes(clang))
+    except HybridError as e:
+        raise BuildError(str(e)) from None
 
 
 def build(out_dir: Path | str | None = None) -> Path:

@@ -95,14 +95,7 @@ def bpf_build(tmp_path_factory) -> BpfBuild:
                            stderr=subprocess.PIPE, text=True)
     if r.returncode:
         pytest.fail("bpftool btf dump failed: %s" % r.stderr)
-    # clang's own system include directories (for <linux/bpf.h> -> <asm/types.h>), as libbpf-bootstrap does
-    v = subprocess.run([clang, "-v", "-E", "-"], input="", capture_output=True, text=True).stderr
-    sys_includes, inside = [], False
-    for line in v.splitlines():
-        if line.startswith("#include <...> search starts here"):
-            inside = True
-        elif line.startswith("End of search list"):
-            inside = False
-        elif inside and line.startswith(" /"):
-            sys_includes += ["-idirafter", line.strip()]
+    from hybrid.user.toolchain import clang_system_includes
+
+    sys_includes = list(clang_system_includes(clang))
     return BpfBuild(out, clang, bpftool, sys_includes)
