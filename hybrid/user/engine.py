@@ -13,6 +13,7 @@ import ctypes
 import importlib
 from typing import Protocol, runtime_checkable
 
+from hybrid.closable import Closable
 from hybrid.errors import EngineError
 from hybrid.user.program import Program
 
@@ -37,19 +38,10 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-class EngineBase:
-    """Context-manager plumbing and the ``run`` -> ``run_ptr`` copy shared by all engines."""
+class EngineBase(Closable):
+    """The ``run`` -> ``run_ptr`` copy shared by all engines; ``with`` closes."""
 
     name = "?"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:  # pragma: no cover - overridden where there is something to free
-        pass
 
     def run(self, ctx: Ctx = None) -> int:
         if not ctx:

@@ -32,6 +32,7 @@ import weakref
 from enum import IntEnum
 from typing import Callable, ClassVar, Iterator, Sequence
 
+from hybrid.closable import Closable
 from hybrid.errors import MapError
 from hybrid.native import _native
 from hybrid.user.mapspec import MapSpec, map_type_name  # noqa: F401 - MapSpec is part of this API
@@ -164,7 +165,7 @@ def _cleanup(fd: int, path: str | None, unlink: bool, pid: int) -> None:
             pass
 
 
-class Region:
+class Region(Closable):
     """A shared memory region holding maps.
 
     ``Region(specs)`` creates one (this process is the owner): a new file
@@ -404,12 +405,6 @@ class Region:
         lib.hybrid_shm_unmap(self._base, self.size)
         self._base = ffi.NULL
         self._finalizer()
-
-    def __enter__(self) -> "Region":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return "<Region %s: %d maps, %d bytes%s>" % (self.name, len(self._maps), self.size,

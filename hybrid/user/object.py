@@ -20,6 +20,7 @@ import os
 import threading
 from typing import Mapping
 
+from hybrid.closable import Closable
 from hybrid.errors import HybridError, VerifierError
 from hybrid.user.engine import Engine, create_engine
 from hybrid.user.program import Program
@@ -78,7 +79,7 @@ class LoadedProgram:
         return "<LoadedProgram %r (%s, %d insns)>" % (self.name, self.section, len(self.program.insns))
 
 
-class BpfObject:
+class BpfObject(Closable):
     """Maps and programs of one ELF object; close it (or use ``with``) to free them."""
 
     def __init__(self, spec, *, region_name: str | None = None, keep_region: bool = False):
@@ -166,12 +167,6 @@ class BpfObject:
         region, self.region = getattr(self, "region", None), None
         if region is not None:
             region.close()
-
-    def __enter__(self) -> "BpfObject":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return "<BpfObject %r: programs %s, maps %s>" % (self.name, sorted(self.programs), sorted(self.maps))
