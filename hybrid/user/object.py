@@ -21,7 +21,7 @@ import threading
 from typing import Mapping
 
 from hybrid.closable import Closable
-from hybrid.errors import HybridError, VerifierError
+from hybrid.errors import HybridError, MapError, VerifierError
 from hybrid.user.engine import Engine, create_engine
 from hybrid.user.program import Program
 
@@ -87,7 +87,11 @@ class BpfObject(Closable):
 
         self.spec = spec
         self.name = spec.name
-        self.region = Region(spec.maps, name=region_name, keep=keep_region) if spec.maps else None
+        try:
+            self.region = Region(spec.maps, name=region_name, keep=keep_region) if spec.maps else None
+        except MapError as e:  # say which object the map comes from
+            raise MapError(e.errno, e.map, e.op, "%s, in object %r" % (e.detail or os.strerror(e.errno), spec.name)) \
+                from None
         try:
             self.maps: Mapping[str, object] = {m.name: m for m in self.region.maps} if self.region else {}
             refs = self.region.map_refs() if self.region else {}

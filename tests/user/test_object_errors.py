@@ -101,6 +101,7 @@ def test_unknown_map_type(bpf_build):
     with pytest.raises(MapError) as e:
         hybrid.load(path)
     assert "map 'odd'" in str(e.value) and "unknown map type 99" in str(e.value), str(e.value)
+    assert str(e.value).endswith("in object 'unknown_map_type'"), str(e.value)
 
 
 def test_missing_extern_function(bpf_build):
