@@ -9,7 +9,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PACKAGES=(python3-bpfcc bpfcc-tools linux-headers-amd64 clang llvm bpftool libbpf-dev gcc make)
+PACKAGES=(python3-bpfcc bpfcc-tools linux-headers-amd64 clang llvm bpftool libbpf-dev gcc make systemtap-sdt-dev)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.stamp

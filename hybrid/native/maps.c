@@ -1147,9 +1147,11 @@ static long bloom_op(struct hybrid_map *m, const void *value, int add)
 /* ------------------------------------------------------------------------ */
 /* regions                                                                   */
 
-void *hybrid_shm_map(int fd, uint64_t size, int populate)
+void *hybrid_shm_map(int fd, uint64_t size, int populate, uint64_t hint)
 {
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, 0);
+    /* `hint` is only a hint: the kernel takes it when the range is free. */
+    void *p = mmap((void *)(uintptr_t)hint, size, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, 0);
 
     return p == MAP_FAILED ? NULL : p;
 }

@@ -35,7 +35,7 @@ struct hybrid_map_desc {
 };
 
 /* --- shared memory and regions ------------------------------------------ */
-void *hybrid_shm_map(int fd, uint64_t size, int populate);   /* NULL + errno on error */
+void *hybrid_shm_map(int fd, uint64_t size, int populate, uint64_t hint);   /* NULL + errno on error; hint 0: anywhere */
 int hybrid_shm_unmap(void *addr, uint64_t size);
 uint64_t hybrid_region_header_size(uint32_t nr_maps);
 int hybrid_region_init(void *base, uint64_t size, uint32_t nr_maps, uint32_t nr_cpus);

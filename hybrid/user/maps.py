@@ -324,7 +324,7 @@ class Region(Closable):
 
     def _map(self, total: int) -> None:
         self.size = total
-        self._base = lib.hybrid_shm_map(self._fd, total, 1)
+        self._base = lib.hybrid_shm_map(self._fd, total, 1, _placement_hint(total))
         if self._base == ffi.NULL:
             err = ffi.errno or E.ENOMEM
             raise MapError(err, None, "map region %s" % self.path, os.strerror(err))
@@ -409,6 +409,22 @@ class Region(Closable):
     def __repr__(self) -> str:
         return "<Region %s: %d maps, %d bytes%s>" % (self.name, len(self._maps), self.size,
                                                     ", closed" if self.closed else "")
+
+
+# Where regions are placed.  Compiled programs embed the addresses of their
+# maps, so a traced process must map a region at the address it has here.
+# Executables (PIE at 0x55..-0x56..) and the mmap area (0x7f..) stay clear
+# of this range, so the same range is almost always free in the target too.
+PLACEMENT_LOW = 0x5100_0000_0000
+PLACEMENT_HIGH = 0x5400_0000_0000
+_PLACEMENT_ALIGN = 1 << 21
+
+
+def _placement_hint(size: int) -> int:
+    import random
+
+    slots = (PLACEMENT_HIGH - PLACEMENT_LOW - size) // _PLACEMENT_ALIGN
+    return PLACEMENT_LOW + random.randrange(max(slots, 1)) * _PLACEMENT_ALIGN
 
 
 def _spec_from_desc(d) -> MapSpec:
