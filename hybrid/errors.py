@@ -83,3 +83,18 @@ class BtfError(HybridError):
 
     ``BtfError: .BTF: type id 17 (at offset 0x1a4): unknown kind 31``
     """
+
+
+class AttachError(HybridError):
+    """A probe that cannot be attached or detached; names the program, the target and the reason.
+
+    ``AttachError: program 'count' (uprobe/libc.so.6:strlen): libc.so.6+0x9d0f4: a branch at +0x1a targets
+    the middle of the patch window``.  Nothing is changed in the target when it is raised.
+    """
+
+
+class InjectError(HybridError):
+    """Injecting into another process failed (ptrace, remote call, dlopen); names the process.
+
+    ``InjectError: dlopen(/tmp/x.so) in process 123 failed: /tmp/x.so: cannot open shared object file``
+    """
