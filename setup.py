@@ -1,5 +1,35 @@
-"""Only here because cffi's ``cffi_modules`` needs a setup.py; all metadata is in pyproject.toml."""
+"""Only here because cffi's ``cffi_modules`` needs a setup.py; all metadata is in pyproject.toml.
+
+Two native products: the cffi module hybrid._native (cffi_modules) and the standalone probe agent
+hybrid/libhybrid_agent*.so (a plain shared library of the same C sources, see _build.agent_extension).
+"""
+
+import importlib.util
+import os
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
-setup(cffi_modules=["hybrid/native/_build.py:ffibuilder"])
+
+def _load_build():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hybrid", "native", "_build.py")
+    spec = importlib.util.spec_from_file_location("_hybrid_native_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _BuildExt(build_ext):
+    """The agent is no Python module: export no PyInit_ symbol."""
+
+    def get_export_symbols(self, ext):
+        if ext.name == "hybrid.libhybrid_agent":
+            return []
+        return super().get_export_symbols(ext)
+
+
+setup(
+    cffi_modules=["hybrid/native/_build.py:ffibuilder"],
+    ext_modules=[_load_build().agent_extension()],
+    cmdclass={"build_ext": _BuildExt},
+)

@@ -44,3 +44,23 @@ def helper_address(name: str) -> int:
 def module_path() -> str:
     """File of the built native module (AOT libraries resolve their helpers against it)."""
     return _native().__file__
+
+
+def agent_path() -> str:
+    """File of the standalone probe agent (``hybrid/libhybrid_agent*.so``), to LD_PRELOAD or inject.
+
+    Raises AttachError when it is not built.
+    """
+    import glob
+    import os
+
+    from hybrid.errors import AttachError
+
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = sorted(glob.glob(os.path.join(pkg, "libhybrid_agent*.so")))
+    if not found:
+        raise AttachError(
+            f"the probe agent {pkg}/libhybrid_agent*.so is not built "
+            "(run 'make setup', or 'pip install -e .' in the repository)"
+        )
+    return found[0]

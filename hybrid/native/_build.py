@@ -49,6 +49,40 @@ def _rel(path: str) -> str:
     return os.path.relpath(path)
 
 
+def agent_extension():
+    """The standalone probe agent: every .c here, without Python, as ``hybrid/libhybrid_agent*.so``.
+
+    It is only ever LD_PRELOADed or dlopen'd into a traced process (never imported, so no
+    PyInit); HYBRID_AGENT_MAIN adds the constructor that applies $HYBRID_AGENT_SPEC.
+    """
+    from setuptools import Extension
+
+    return Extension(
+        "hybrid.libhybrid_agent",
+        sources=[_rel(os.path.join(_HERE, s)) for s in SOURCES],
+        include_dirs=[_rel(_HERE)],
+        define_macros=[("HYBRID_AGENT_MAIN", "1")],
+        libraries=["dl", "pthread"],
+        extra_compile_args=["-O2", "-Wall", "-fvisibility=default"],
+    )
+
+
+def build_agent(outdir: str, verbose: bool = False) -> str:
+    """Build the standalone agent with the C compiler directly; returns the path of the .so."""
+    import subprocess
+    import sysconfig
+
+    cc = os.environ.get("CC", "cc")
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    out = os.path.join(outdir, "libhybrid_agent" + suffix)
+    cmd = [cc, "-shared", "-fPIC", "-O2", "-Wall", "-fvisibility=default", "-DHYBRID_AGENT_MAIN=1",
+           "-I", _HERE, "-o", out] + [os.path.join(_HERE, s) for s in SOURCES] + ["-ldl", "-lpthread"]
+    if verbose:
+        print(" ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return out
+
+
 ffibuilder = FFI()
 ffibuilder.cdef("\n".join(_cdef(h) for h in HEADERS) + "\n" + CALLBACKS)
 ffibuilder.set_source(
@@ -62,3 +96,4 @@ ffibuilder.set_source(
 if __name__ == "__main__":
     # Build in place: writes hybrid/_native*.so next to the package sources.
     ffibuilder.compile(tmpdir=os.path.dirname(os.path.dirname(_HERE)), verbose=True)
+    build_agent(os.path.dirname(_HERE), verbose=True)

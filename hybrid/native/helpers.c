@@ -14,9 +14,9 @@
  *     67  get_stack                user stacks only (frame-pointer walk from the pt_regs context)
  *    109  send_signal              kill(getpid(), sig)
  *    112  probe_read_user          safe copy; on a fault dst is zeroed and -EFAULT returned
- *    113  probe_read_kernel        dst zeroed, -ERANGE (what x86-64 returns for a user address)
+ *    113  probe_read_kernel        process memory, like probe_read_user (see below)
  *    114  probe_read_user_str      safe string copy: strlen+1, size if cut, -EFAULT (dst zeroed)
- *    115  probe_read_kernel_str    dst zeroed, -ERANGE (size 0: 0)
+ *    115  probe_read_kernel_str    process memory, like probe_read_user_str
  *    117  send_signal_thread       tgkill(getpid(), gettid(), sig)
  *    118  jiffies64                CLOCK_MONOTONIC_COARSE * HZ + an offset from times() (see jiffies)
  *    120  get_ns_current_pid_tgid  dev/ino of /proc/self/ns/pid (stat once) -> pid/tgid
@@ -599,22 +599,22 @@ uint64_t hybrid_helper_probe_read_str(uint64_t r1, uint64_t r2, uint64_t r3, uin
     return probe_read_user_str(r1, (uint32_t)r2, r3);
 }
 
-/* x86-64's copy_from_kernel_nofault refuses user addresses with -ERANGE
- * before touching them; in userspace every address is one. */
+/* In a traced process the "kernel" memory a program reads is what hybrid
+ * built for it in process memory: the pt_regs of a probe, the record of a
+ * syscall tracepoint, the regs pointer of raw_tp/sys_enter.  libbpf's
+ * usdt.bpf.h, BPF_CORE_READ and PT_REGS_*_CORE read those with
+ * probe_read_kernel, so it reads process memory safely, like
+ * probe_read_user; a real kernel address is not mapped: -EFAULT. */
 uint64_t hybrid_helper_probe_read_kernel(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
 {
-    (void)r3; (void)r4; (void)r5;
-    raw_memset((void *)(uintptr_t)r1, 0, (uint32_t)r2);
-    return NEG(ERANGE);
+    (void)r4; (void)r5;
+    return probe_read_user(r1, (uint32_t)r2, r3);
 }
 
 uint64_t hybrid_helper_probe_read_kernel_str(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
 {
-    (void)r3; (void)r4; (void)r5;
-    if ((uint32_t)r2 == 0)
-        return 0;    /* strncpy_from_kernel_nofault: count <= 0 -> 0, before any check */
-    raw_memset((void *)(uintptr_t)r1, 0, (uint32_t)r2);
-    return NEG(ERANGE);
+    (void)r4; (void)r5;
+    return probe_read_user_str(r1, (uint32_t)r2, r3);
 }
 
 /* bpf_probe_write_user(dst, src, len).  The kernel refuses it (-EPERM)
