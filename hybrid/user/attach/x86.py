@@ -273,7 +273,7 @@ def plan_int3(code: bytes, vaddr: int) -> Window:
 
 # Syscalls whose sites are never redirected: they change the stack or never return normally.
 SKIP_SYSCALLS = {56: "clone", 435: "clone3", 58: "vfork", 15: "rt_sigreturn"}
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 _MOV_EAX_IMM = re.compile(r"^(?:eax|rax), (0x[0-9a-f]+|[0-9]+)$")
 _WRITES_EAX = re.compile(r"^(?:eax|rax|ax|al|ah)\b")
 _READS_ONLY = frozenset(("cmp", "test", "push", "bt"))
@@ -394,19 +394,38 @@ def _scan(path: str) -> tuple[list[SyscallSite], list[SkippedSite]]:
             skipped.append(SkippedSite(addr, "syscall %d (%s) changes the stack or does not return"
                                        % (nr, SKIP_SYSCALLS[nr]), nr))
             continue
-        data = sections[si][2]
+        base, data = sections[si][1], sections[si][2]
         try:
             w = plan_window(data[off:off + 40], addr, min_len=JMP_LEN, syscall_site=True)
+            i = bisect.bisect_right(targets, addr)
+            if i < len(targets) and targets[i] < addr + w.length:
+                raise AttachError("a branch targets %#x, inside the window [%#x, %#x)"
+                                  % (targets[i], addr, addr + w.length))
         except AttachError as e:
-            skipped.append(SkippedSite(addr, str(e), nr))
-            continue
-        i = bisect.bisect_right(targets, addr)
-        if i < len(targets) and targets[i] < addr + w.length:
-            skipped.append(SkippedSite(addr, "a branch targets %#x, inside the window [%#x, %#x)"
-                                       % (targets[i], addr, addr + w.length), nr))
-            continue
+            # `mov $NR, %eax; syscall; ret` (getpid & co): start the window at the mov instead
+            w = _window_from_mov(data, base, addr, nr, nr_at, targets)
+            if w is None:
+                skipped.append(SkippedSite(addr, str(e), nr))
+                continue
         sites.append(SyscallSite(addr, w, nr))
     return sites, skipped
+
+
+def _window_from_mov(data: bytes, base: int, addr: int, nr: int | None, nr_at: int,
+                     targets: list[int]) -> Window | None:
+    """A syscall window ``[mov $NR, %eax|%rax; syscall]`` when the mov is right before the syscall in the
+    same basic block and nothing branches to the syscall (the only address strictly inside the window)."""
+    if nr is None or not 0 < addr - nr_at <= 8:
+        return None
+    mov = data[nr_at - base:addr - base]
+    if not (len(mov) == 5 and mov[0] == 0xB8 or len(mov) == 7 and mov[:3] == b"\x48\xc7\xc0"):
+        return None
+    i = bisect.bisect_right(targets, nr_at)
+    if i < len(targets) and targets[i] <= addr:
+        return None
+    insns = (WindowInsn(0, len(mov), "copy", 0, 0, bytes(mov), "mov $%#x, %%eax" % nr),
+             WindowInsn(len(mov), 2, "copy", 0, 0, b"\x0f\x05", "syscall"))
+    return Window(nr_at, len(mov) + 2, bytes(mov) + b"\x0f\x05", insns)
 
 
 def find_syscall_sites(path: str | os.PathLike, *, use_cache: bool = True) -> SyscallScan:

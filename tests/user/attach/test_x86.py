@@ -238,16 +238,21 @@ def test_find_syscall_sites_small(tmp_path, monkeypatch):
 
     sites = {owner(x.vaddr): x for x in scan.sites}
     skipped = {owner(x.vaddr): x for x in scan.skipped}
-    assert set(sites) == {"f_getpid", "f_tail"}
+    assert set(sites) == {"f_getpid", "f_tail", "f_short", "f_fall"}
     assert sites["f_getpid"].nr == 39 and sites["f_tail"].nr is None  # the call clobbers eax
     w = sites["f_getpid"].window
     assert (w.length, [i.kind for i in w.insns]) == (8, ["copy", "copy"])
     assert w.insns[0].bytes == b"\x0f\x05" and w.spec_lines("s.so", "syssite")[0].startswith(
         "syssite s.so %#x 8 0f05" % w.vaddr)
     assert skipped["f_clone"].nr == 56 and "clone" in skipped["f_clone"].reason
-    assert "code ends" in skipped["f_short"].reason
+    # `mov $1, %eax; syscall; ret`: the window starts at the mov (the ret would end a forward one)
+    w = sites["f_short"].window
+    assert (w.vaddr, w.length, w.orig) == (func["f_short"], 7, b"\xb8\x01\x00\x00\x00\x0f\x05")
+    assert sites["f_short"].vaddr == func["f_short"] + 5
+    # f_fall: a function starts right after its syscall, so only the window from the mov fits
+    assert sites["f_fall"].window.vaddr + sites["f_fall"].window.length == func["f_next"]
+    assert set(skipped) == {"f_clone", "f_target"}
     assert "inside the window" in skipped["f_target"].reason
-    assert "targets %#x, inside the window" % func["f_next"] in skipped["f_fall"].reason  # a function start
     again = find_syscall_sites(so)
     assert again.cached and again.sites == scan.sites and again.skipped == scan.skipped
     os.utime(so, ns=(1, 1))  # a changed file is analysed again
@@ -267,8 +272,10 @@ def test_libc_syscall_sites():
     with open(LIBC, "rb") as f:
         data = f.read()
     for s in scan.sites[:50]:  # libc: vaddr == file offset in its text segment
-        assert data[s.vaddr:s.vaddr + s.window.length] == s.window.orig
-        assert s.window.orig[:2] == b"\x0f\x05" and s.window.length >= 5
+        w = s.window
+        assert data[w.vaddr:w.vaddr + w.length] == w.orig
+        assert w.length >= 5 and data[s.vaddr:s.vaddr + 2] == b"\x0f\x05"
+        assert w.vaddr == s.vaddr or w.vaddr + w.length == s.vaddr + 2  # from the syscall, or mov; syscall
 
 
 def test_syscall_sites_bad_files(tmp_path):
