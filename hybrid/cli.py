@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -79,6 +80,71 @@ def _run_object(data: bytes, args: argparse.Namespace, ctx: bytearray) -> int:
     return 0
 
 
+def _print_maps(obj, out=None) -> None:
+    """The object's maps at exit, like bpftrace: ``@name[key]: value`` (integers when they fit)."""
+    from hybrid.user.attach.report import format_maps
+
+    text = format_maps(obj)
+    if text:
+        print(text, file=out or sys.stdout)
+
+
+def _attach_run(args: argparse.Namespace) -> int:
+    import hybrid
+
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise HybridError("hybrid run: no command given (hybrid run OBJ -- CMD ARGS)")
+    with hybrid.load(args.object) as obj:
+        with obj.launch(command, programs=args.prog or None) as proc:
+            if args.verbose:
+                for pl in proc.attachment.placements:
+                    print("hybrid: %s %s at %s" % (pl.kind, pl.program, pl.where), file=sys.stderr)
+            try:
+                rc = proc.wait()
+            except KeyboardInterrupt:
+                proc.popen.send_signal(2)
+                rc = proc.wait()
+        if not args.quiet:
+            _print_maps(obj)
+    return rc if rc >= 0 else 128 - rc
+
+
+def _attach_pid(args: argparse.Namespace) -> int:
+    import time
+
+    import hybrid
+
+    with hybrid.load(args.object) as obj:
+        att = obj.attach(args.pid, programs=args.prog or None)
+        for pl in att.placements:
+            print("hybrid: %s %s at %s in process %d" % (pl.kind, pl.program, pl.where, args.pid), file=sys.stderr)
+        print("hybrid: attached; Ctrl-C to detach", file=sys.stderr)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                if not os.path.exists("/proc/%d" % args.pid):
+                    break
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            pass
+        att.detach()
+        print("hybrid: detached", file=sys.stderr)
+        if not args.quiet:
+            _print_maps(obj)
+    return 0
+
+
+def _detach_pid(args: argparse.Namespace) -> int:
+    from hybrid.user.attach.agent import detach_all
+
+    n = detach_all(args.pid)
+    print("hybrid: process %d: every probe detached" % args.pid, file=sys.stderr)
+    return 0 if n >= 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybrid", description="A kernel-cooperative eBPF runtime.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,6 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mem", help="input memory as hex bytes (r1 points at it, r2 is its length)")
     r.add_argument("-p", "--program", help="with an ELF object: the program to run (needed when it has several)")
     r.set_defaults(func=_run)
+
+    run = sub.add_parser("run", help="run a command with an object's userspace probes attached from its start",
+                         usage="hybrid run [-h] [--prog NAME] [-q] [-v] OBJ -- CMD [ARGS...]",
+                         epilog="example: hybrid run count.bpf.o -- ./server --port 8080")
+    run.add_argument("object", help="clang-compiled eBPF object (uprobe/uretprobe/usdt/syscall programs)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
+    run.add_argument("--prog", action="append", help="attach only this program (repeatable)")
+    run.add_argument("-q", "--quiet", action="store_true", help="do not print the maps at exit")
+    run.add_argument("-v", "--verbose", action="store_true", help="print where each program is attached")
+    run.set_defaults(func=_attach_run)
+
+    at = sub.add_parser("attach", help="attach an object's userspace probes to a running process",
+                        epilog="example: hybrid attach count.bpf.o -p 1234   (Ctrl-C detaches)")
+    at.add_argument("object", help="clang-compiled eBPF object")
+    at.add_argument("-p", "--pid", type=int, required=True, help="the process to trace")
+    at.add_argument("--prog", action="append", help="attach only this program (repeatable)")
+    at.add_argument("-d", "--duration", type=float, help="detach after this many seconds (default: at Ctrl-C)")
+    at.add_argument("-q", "--quiet", action="store_true", help="do not print the maps after detaching")
+    at.set_defaults(func=_attach_pid)
+
+    de = sub.add_parser("detach", help="remove every probe hybrid placed in a process")
+    de.add_argument("-p", "--pid", type=int, required=True, help="the traced process")
+    de.set_defaults(func=_detach_pid)
     return p
 
 

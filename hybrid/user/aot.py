@@ -46,7 +46,8 @@ def compile_object(program: Program, path: PathLike | None = None) -> bytes:
 
 def link_shared(obj_path: PathLike, out_path: PathLike, program_name: str = "prog") -> None:
     """``cc -shared`` the object into a library, leaving helper symbols undefined."""
-    cmd = [CC, "-shared", "-o", os.fspath(out_path), os.fspath(obj_path)]
+    # -Bsymbolic: a program's own functions bind inside its library, never to another program's.
+    cmd = [CC, "-shared", "-Wl,-Bsymbolic", "-o", os.fspath(out_path), os.fspath(obj_path)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:

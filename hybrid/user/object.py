@@ -28,6 +28,7 @@ from hybrid.user.program import Program
 PT_REGS_SIZE = 168  # the context of uprobe programs: x86-64 struct pt_regs
 
 _ids = itertools.count(1)
+_kept: list = []  # objects whose code must outlive close() (see BpfObject.close)
 _ids_lock = threading.Lock()
 
 
@@ -87,6 +88,7 @@ class BpfObject(Closable):
 
         self.spec = spec
         self.name = spec.name
+        self._attachments = set()
         try:
             self.region = Region(spec.maps, name=region_name, keep=keep_region) if spec.maps else None
         except MapError as e:  # say which object the map comes from
@@ -114,6 +116,30 @@ class BpfObject(Closable):
             raise
         self._active: set[str] = set()
         self._lock = threading.Lock()
+
+    # --- attaching (hybrid/user/attach/agent.py) ----------------------------------------
+
+    def attach(self, pid: int | None = None, *, programs=None, engine: str = "jit"):
+        """Attach the userspace programs (uprobe, uretprobe, usdt, syscall tracepoints).
+
+        Without ``pid`` in this process (library mode, ``engine`` jit or
+        aot); with ``pid`` in that running process (through ptrace, AOT code).
+        Returns an :class:`~hybrid.user.attach.agent.Attachment`; its
+        ``detach()`` restores every patched byte.  Raises
+        :class:`~hybrid.errors.AttachError` with nothing changed.
+        """
+        from hybrid.user.attach.agent import attach
+
+        return attach(self, pid, programs=programs, engine=engine)
+
+    def launch(self, argv, *, programs=None, **popen_kw):
+        """Start ``argv`` with the userspace programs attached before its ``main``; see ``agent.launch``."""
+        from hybrid.user.attach.agent import launch
+
+        return launch(self, argv, programs=programs, **popen_kw)
+
+    _attachments: set = set()  # replaced per object in __init__ (class default for half-built objects)
+    _keep_code = False  # a detach whose grace period did not complete: never free program code
 
     def _fill_prog_arrays(self) -> None:
         """``.values = { [0] = &prog }`` slots of PROG_ARRAY maps, by program id."""
@@ -164,13 +190,28 @@ class BpfObject(Closable):
                 register_program(lp.id, 0)
 
     def close(self) -> None:
-        """Free the engines and unmap the maps.  Idempotent."""
+        """Detach, free the engines and unmap the maps.  Idempotent.
+
+        Attachments in other processes are detached; their copy of the maps
+        stays mapped there until they exit.
+        """
+        errors = []
+        for att in list(self._attachments):
+            try:
+                att.detach()
+            except Exception as e:  # noqa: BLE001 - close everything, then report
+                errors.append(e)
         self._unregister()
+        if self._keep_code:  # a thread may still run a detached program here: leak its code and maps
+            _kept.append(self)
+            return
         for lp in getattr(self, "programs", {}).values():
             lp.close()
         region, self.region = getattr(self, "region", None), None
         if region is not None:
             region.close()
+        if errors:
+            raise errors[0]
 
     def __repr__(self) -> str:
         return "<BpfObject %r: programs %s, maps %s>" % (self.name, sorted(self.programs), sorted(self.maps))
