@@ -69,6 +69,18 @@ def _maps_missed(json_path: Path) -> list[str]:
     return bench_maps.missed_goals(json_path)
 
 
+def _probes_report(json_path: Path) -> str:
+    import bench_probes
+
+    return bench_probes.summarize(json_path)
+
+
+def _probes_missed(json_path: Path) -> list[str]:
+    import bench_probes
+
+    return bench_probes.missed_goals(json_path)
+
+
 SUITES: list[Suite] = [
     Suite("engines", "bench_engines.py",
           "gcc -O2 / JIT / AOT / interpreter on sieve, loop, stack_mix, helpers",
@@ -76,6 +88,9 @@ SUITES: list[Suite] = [
     Suite("maps", "bench_maps.py",
           "map lookup/update/delete, hybrid's JIT (and AOT) vs the kernel (BPF_PROG_TEST_RUN)",
           _maps_report, _maps_missed),
+    Suite("probes", "bench_probes.py",
+          "ns per probed call: kernel uprobes vs hybrid's in-process probes on lea/push/nop5 victims",
+          _probes_report, _probes_missed),
 ]
 
 

@@ -344,3 +344,123 @@ def test_function_too_short_is_refused(bpf_build, workload, interactive):
     with hybrid.load(build(bpf_build, "tiny", body, exe=workload)) as obj:
         with pytest.raises(AttachError, match="tiny"):
             obj.launch([workload, "add", "1", "1"])
+
+
+# --- events from the target reach the controller through shared memory ---------------------
+
+EVENTS = r"""
+struct {{
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 4 << 20);
+}} events SEC(".maps");
+
+struct {{
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 4096);
+}} small SEC(".maps");
+
+struct event {{ long a, b; u32 tid; }};
+
+SEC("uprobe/{exe}:add")
+int BPF_KPROBE(on_add_event, long a, long b)
+{{
+    struct event e = {{ .a = a, .b = b, .tid = (u32)bpf_get_current_pid_tgid() }};
+    bpf_ringbuf_output(&events, &e, sizeof(e), 0);
+    bpf_ringbuf_output(&small, &e, sizeof(e), 0);   /* fills up: counted as lost */
+    if (a == 7 && b == 0)
+        bpf_printk("hybrid add %ld %ld", a, b);
+    return 0;
+}}
+"""
+
+
+def test_events_from_the_target(bpf_build, workload, tmp_path):
+    import struct
+
+    from hybrid.user.maps import RingBufferConsumer
+
+    threads, calls = 2, 20_000
+    trace = tmp_path / "trace"
+    seen: list[tuple[int, int]] = []
+
+    def on_event(data: bytes) -> int:
+        a, b, _tid = struct.unpack_from("<qqI", data)
+        seen.append((a, b))
+        return 0
+
+    env = dict(os.environ, HYBRID_TRACE_PIPE=str(trace))
+    with hybrid.load(build(bpf_build, "events", EVENTS, exe=workload)) as obj:
+        rb = RingBufferConsumer(obj.maps["events"], on_event)
+        with obj.launch([workload, "add", str(threads), str(calls)], stdout=subprocess.PIPE, text=True,
+                        env=env) as p:
+            while p.popen.poll() is None:
+                rb.poll(50)
+            out, _ = p.popen.communicate(timeout=60)
+        rb.consume()
+        lost = obj.maps["events"].lost
+        small_lost = obj.maps["small"].lost
+        small_kept = RingBufferConsumer(obj.maps["small"], lambda d: None).consume()
+    assert run_line(out)["add"] == threads * tri(calls) + calls * tri(threads)
+    assert sorted(seen) == sorted((i, t) for t in range(threads) for i in range(calls))
+    assert lost == 0
+    # a full buffer counts what it could not take: nothing vanishes silently
+    assert small_lost > 0 and small_kept + small_lost == threads * calls
+    lines = trace.read_text().splitlines()
+    assert len(lines) == 1 and "hybrid add 7 0" in lines[0], lines
+
+
+# --- a Python process ------------------------------------------------------------------------
+
+PY_GETPPID = r"""
+SEC("uprobe/libc.so.6:getppid")
+int on_getppid(struct pt_regs *ctx)
+{{
+    add_to(0, 1);
+    return 0;
+}}
+"""
+
+
+def test_python_process(bpf_build, tmp_path):
+    code = "import os\nfor _ in range(12345):\n    os.getppid()\nprint('done')\n"
+    with hybrid.load(build(bpf_build, "py", PY_GETPPID)) as obj:
+        with obj.launch([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as p:
+            out, _ = p.popen.communicate(timeout=60)
+        assert out.strip() == "done"
+        assert counts(obj)[0] == 12345
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_cli_run_prints_maps(bpf_build, workload):
+    obj = build(bpf_build, "add_cli", ADD, exe=workload)
+    r = subprocess.run([sys.executable, "-m", "hybrid.cli", "run", str(obj), "--", workload, "add", "2", "100"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert run_line(r.stdout.splitlines()[0])["add"] == 2 * tri(100) + 100
+    assert "@counts[0]: 200" in r.stdout and "@counts[3]: 200" in r.stdout
+
+
+def test_cli_attach_and_detach(bpf_build, workload, interactive):
+    obj = build(bpf_build, "add_cli2", ADD, exe=workload)
+    pid = interactive.p.pid
+    cli = subprocess.Popen([sys.executable, "-m", "hybrid.cli", "attach", str(obj), "-p", str(pid)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "attached" not in line:
+            line = cli.stderr.readline()
+            assert line, cli.communicate(timeout=10)
+        interactive.run("add", 2, 50)
+        cli.send_signal(2)  # Ctrl-C: detach and print
+        out, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, err
+    assert "detached" in err and "@counts[0]: 100" in out
+    assert interactive.run("add", 1, 10)["add"] == tri(10)  # still runs, no probe left
+    r = subprocess.run([sys.executable, "-m", "hybrid.cli", "detach", "-p", str(pid)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
