@@ -278,15 +278,25 @@ def interactive(workload):
     w.close()
 
 
+def _code_of(pid: int, exe: str, func: str, n: int = 16) -> bytes:
+    from hybrid.user.attach import symbols
+
+    bias = symbols.module_load_bias(pid, exe)
+    return symbols.read_process_memory(pid, bias + symbols.resolve_symbol(exe, func).vaddr, n)
+
+
 def test_attach_running_process_and_detach(bpf_build, workload, interactive):
     with hybrid.load(build(bpf_build, "add_pid", ADD, exe=workload)) as obj:
         before = interactive.run("add", 2, 1000)
+        pristine = _code_of(interactive.p.pid, workload, "add")
         att = obj.attach(interactive.p.pid)
+        assert _code_of(interactive.p.pid, workload, "add")[0] == 0xE9  # jmp to the trampoline
         during = interactive.run("add", 2, 10_000)
         c = counts(obj)
         assert c[0] == c[3] == 20_000
         assert c[4] == during["add"]
         att.detach()
+        assert _code_of(interactive.p.pid, workload, "add") == pristine  # every byte restored
         after = interactive.run("add", 2, 10_000)
         assert counts(obj)[0] == 20_000  # nothing counted after detach
         assert after == during and before["add"] == 2 * tri(1000) + 1000
@@ -317,6 +327,33 @@ def test_attach_missing_pid(bpf_build, workload):
     with hybrid.load(build(bpf_build, "add_nopid", ADD, exe=workload)) as obj:
         with pytest.raises(AttachError, match="no process 99999999"):
             obj.attach(99999999)
+
+
+def test_attach_without_permission(bpf_build, workload, interactive, tmp_path):
+    """Not root: ptrace is refused, the error says so, the target is untouched."""
+    import shutil
+
+    d = tmp_path / "nobody"
+    d.mkdir()
+    obj = d / "add.bpf.o"
+    shutil.copy(build(bpf_build, "add_perm", ADD, exe=workload), obj)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(d, 0o755)
+    os.chmod(obj, 0o644)
+    code = ("import os, sys, hybrid, hybrid.errors, threading, subprocess, tempfile, shutil\n"
+            "import hybrid.user.attach.agent, hybrid.user.attach.inject, hybrid.user.attach.symbols\n"
+            "import hybrid.user.attach.x86, hybrid.user.attach.usdt, hybrid.user.aot, hybrid.user.jit\n"
+            "obj = hybrid.load(sys.argv[1])\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "try:\n    obj.attach(int(sys.argv[2]))\n"
+            "except hybrid.errors.HybridError as e:\n    print(type(e).__name__, e); sys.exit(3)\n")
+    env = dict(os.environ, HOME=str(d), XDG_CACHE_HOME=str(d / "cache"))
+    r = subprocess.run([sys.executable, "-c", code, str(obj), str(interactive.p.pid)], capture_output=True,
+                       text=True, timeout=120, env=env, cwd=str(d))
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "not permitted" in r.stdout or "Permission denied" in r.stdout, r.stdout
+    assert str(interactive.p.pid) in r.stdout
+    assert interactive.run("add", 1, 10)["add"] == tri(10)
 
 
 def test_attach_missing_symbol(bpf_build, workload, interactive):
