@@ -398,8 +398,12 @@ __attribute__((used)) static int agent_hit(struct hybrid_pt_regs *regs, struct s
             }
         }
         if (want_ret) {
-            /* frames at or below this sp are gone (longjmp): drop their entries */
-            while (t->depth > 0 && t->stack[t->depth - 1].sp <= regs->sp)
+            /* frames at or below this sp are gone (longjmp): drop their entries.  Not a tail call
+             * from another return-probed function: same sp, and its return address is already
+             * the return trampoline; both entries stay and both run at the return, as in the kernel. */
+            while (t->depth > 0 && (t->stack[t->depth - 1].sp < regs->sp ||
+                                    (t->stack[t->depth - 1].sp == regs->sp &&
+                                     *(uint64_t *)(uintptr_t)regs->sp != ret_tramp)))
                 t->depth--;
             if (t->depth < SHADOW_DEPTH) {
                 uint64_t *slot = (uint64_t *)(uintptr_t)regs->sp;
