@@ -63,7 +63,7 @@ def agent_extension():
         include_dirs=[_rel(_HERE)],
         define_macros=[("HYBRID_AGENT_MAIN", "1")],
         libraries=["dl", "pthread"],
-        extra_compile_args=["-O2", "-Wall", "-fvisibility=default"],
+        extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration", "-fvisibility=default"],
     )
 
 
@@ -90,7 +90,7 @@ ffibuilder.set_source(
     "".join('#include "%s"\n' % h for h in HEADERS),
     sources=[_rel(os.path.join(_HERE, s)) for s in SOURCES],
     include_dirs=[_rel(_HERE)],
-    extra_compile_args=["-O2", "-Wall"],
+    extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],
 )
 
 if __name__ == "__main__":

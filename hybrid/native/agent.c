@@ -107,6 +107,7 @@
 #define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define LIKELY(x) __builtin_expect(!!(x), 1)
 
 #define MAX_INSN 16
 #define SHADOW_DEPTH 128
@@ -170,7 +171,8 @@ struct att {
     int raw;
     uint16_t *sema;
     char *where;
-    uint64_t hits, missed;
+    uint64_t hits, missed;  /* hits: folded from the threads' counters once the slot is released */
+    int slot;               /* index into every thread's hits[], -1: counted in `hits` atomically */
     int live;
 };
 
@@ -179,7 +181,11 @@ struct shadow {
     struct site *site;
 };
 
-/* One page per thread, never freed (recycled after the thread exits). */
+/* Two pages per thread, never freed (recycled after the thread exits).
+ * hits[]: the thread's own, exact, count of each attachment slot: a hit
+ * increments thread-private memory, no locked instruction. */
+#define HIT_SLOTS 256
+#define THR_SIZE 8192
 struct thr {
     uint64_t seq;           /* odd while running probe programs */
     uint32_t owner;         /* tid, 0 = free */
@@ -188,8 +194,9 @@ struct thr {
     uint32_t pad;
     struct thr *next;
     struct shadow stack[SHADOW_DEPTH];
+    uint64_t hits[HIT_SLOTS];
 };
-_Static_assert(sizeof(struct thr) <= 4096, "one page per thread");
+_Static_assert(sizeof(struct thr) <= THR_SIZE, "two pages per thread");
 
 /* ------------------------------------------------------------------------- */
 /* Global state                                                              */
@@ -199,6 +206,8 @@ static pthread_mutex_t ctl_lock = PTHREAD_MUTEX_INITIALIZER;
 static int agent_ready;
 static int mem_fd = -1;
 static int membarrier_ok;
+static int membarrier_fence;    /* MEMBARRIER_CMD_PRIVATE_EXPEDITED registered: hits need no locked instruction */
+static struct att *slot_owner[HIT_SLOTS];
 static void *scratch_page;
 static int quiesce_sig;
 static uint64_t ret_tramp;
@@ -294,7 +303,7 @@ static struct thr *thr_get(void)
             goto got;
     }
     {
-        long p = raw_syscall6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        long p = raw_syscall6(SYS_mmap, 0, THR_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
         if (p < 0 && p > -4096)
             return NULL;
@@ -314,11 +323,20 @@ got:
     return t;
 }
 
+/* The seq store must be ordered before the loads of the attachment arrays
+ * that follow (a Dekker pair with grace()).  With membarrier, grace() runs a
+ * full barrier on every running thread instead, so the hit path needs only a
+ * compiler barrier; without it, a locked add. */
 static inline int probe_begin(struct thr *t)
 {
     if (t->seq & 1)
         return 0;
-    __atomic_fetch_add(&t->seq, 1, __ATOMIC_SEQ_CST);    /* full barrier: then load the arrays */
+    if (LIKELY(membarrier_fence)) {
+        __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELAXED);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    } else {
+        __atomic_fetch_add(&t->seq, 1, __ATOMIC_SEQ_CST);
+    }
     return 1;
 }
 
@@ -342,7 +360,7 @@ static void miss_all(struct att_array *a, uint32_t mask, uint32_t want)
             __atomic_fetch_add(&a->a[i]->missed, 1, __ATOMIC_RELAXED);
 }
 
-static inline uint64_t run_prog(struct att *at, void *ctx, uint64_t func_ip, uint32_t flags,
+static inline uint64_t run_prog(struct thr *t, struct att *at, void *ctx, uint64_t func_ip, uint32_t flags,
                                 struct hybrid_probe_ctx *pc)
 {
     struct hybrid_probe_ctx *prev;
@@ -358,7 +376,10 @@ static inline uint64_t run_prog(struct att *at, void *ctx, uint64_t func_ip, uin
     prev = hybrid_probe_enter(pc);
     r = ((uint64_t(*)(void *))at->entry)(ctx);
     hybrid_probe_restore(prev);
-    __atomic_fetch_add(&at->hits, 1, __ATOMIC_RELAXED);    /* exact: counts are what users compare */
+    if (LIKELY(at->slot >= 0))
+        t->hits[at->slot]++;    /* exact, thread-private */
+    else
+        __atomic_fetch_add(&at->hits, 1, __ATOMIC_RELAXED);
     return r;
 }
 
@@ -391,7 +412,7 @@ __attribute__((used)) static int agent_hit(struct hybrid_pt_regs *regs, struct s
                 want_ret = 1;
                 continue;
             }
-            run_prog(at, regs, s->addr, 0, &pc);
+            run_prog(t, at, regs, s->addr, 0, &pc);
             if (__atomic_load_n(&pc.override, __ATOMIC_ACQUIRE) && (at->flags & F_FUNC_ENTRY)) {
                 override = 1;
                 regs->ax = pc.override_rc;
@@ -470,7 +491,7 @@ __attribute__((used)) static int agent_ret(struct hybrid_pt_regs *regs, void *un
     if (a)
         for (i = 0; i < a->n; i++)
             if (a->a[i]->flags & F_RETURN)
-                run_prog(a->a[i], regs, e.site->addr, HYBRID_PROBE_RETURN, &pc);
+                run_prog(t, a->a[i], regs, e.site->addr, HYBRID_PROBE_RETURN, &pc);
     probe_end(t);
     return 0;
 }
@@ -508,17 +529,17 @@ static void sys_run(struct att_array *a, struct hybrid_pt_regs *regs, int enter,
         if (at->raw) {
             uint64_t raw[2] = {(uint64_t)(uintptr_t)regs, enter ? nr : regs->ax};
 
-            run_prog(at, raw, site, enter ? 0 : HYBRID_PROBE_RETURN, &pc);
+            run_prog(t, at, raw, site, enter ? 0 : HYBRID_PROBE_RETURN, &pc);
         } else if (enter) {
             struct tp_enter rec = {(uint16_t)at->event, 0, 0, (int32_t)t->tid, (int32_t)nr, 0,
                                    {regs->di, regs->si, regs->dx, regs->r10, regs->r8, regs->r9}};
 
-            run_prog(at, &rec, site, 0, &pc);
+            run_prog(t, at, &rec, site, 0, &pc);
         } else {
             struct tp_exit rec = {(uint16_t)at->event, 0, 0, (int32_t)t->tid, (int32_t)nr, 0,
                                   (int64_t)regs->ax};
 
-            run_prog(at, &rec, site, HYBRID_PROBE_RETURN, &pc);
+            run_prog(t, at, &rec, site, HYBRID_PROBE_RETURN, &pc);
         }
     }
 }
@@ -1014,9 +1035,20 @@ static void emit_restore(struct cbuf *c)
 {
     int i;
 
-    eb(c, "\xff\xb4\x24", 3);                /* push qword [rsp+flags] */
+    /* The flags without popfq (microcoded, about 20 cycles): DF, then OF
+     * through an add that overflows exactly when it was set, then SF ZF AF
+     * PF CF with sahf; rax is scratch (restored below).  TF and AC are not
+     * restored: nothing on the hit path changes them. */
+    eb(c, "\xf6\x84\x24", 3);                /* test byte [rsp+flags+1], 4 (DF) */
+    e32(c, P_FLAGS * 8 + 1);
+    e8(c, 0x04);
+    eb(c, "\x74\x01\xfd", 3);                /* jz +1; std */
+    eb(c, "\x0f\xb6\x84\x24", 4);            /* movzx eax, byte [rsp+flags+1] */
+    e32(c, P_FLAGS * 8 + 1);
+    eb(c, "\x24\x08\xc0\xe0\x04\x04\x80", 7);  /* and al,8 (OF); shl al,4; add al,0x80 */
+    eb(c, "\x8a\xa4\x24", 3);                /* mov ah, byte [rsp+flags] */
     e32(c, P_FLAGS * 8);
-    e8(c, 0x9d);                             /* popfq */
+    e8(c, 0x9e);                             /* sahf */
     for (i = 0; i < 15; i++)
         mov_from_rsp(c, slot_reg[i], i * 8);
 }
@@ -1248,6 +1280,9 @@ static int agent_init(char *err, size_t errlen)
     if (q > 0 && (q & MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE) &&
         syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0)
         membarrier_ok = 1;
+    if (q > 0 && (q & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
+        syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0)
+        membarrier_fence = 1;
     scratch_page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (scratch_page == MAP_FAILED) {
         snprintf(err, errlen, "mmap: %s", strerror(errno));
@@ -1477,6 +1512,8 @@ static int grace(double timeout)
     int ok = 1, spins = 0;
 
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (membarrier_fence)    /* the other half of probe_begin's barrier, on every running thread */
+        syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
     for (t = LOAD_ACQ(&all_thr); t; t = t->next) {
         uint64_t s = __atomic_load_n(&t->seq, __ATOMIC_SEQ_CST);
 
@@ -1518,6 +1555,36 @@ static void retire(void *p)
         retired[nretired++] = p;
 }
 
+static uint64_t slot_sum(int slot, int zero)
+{
+    uint64_t v = 0;
+    struct thr *t;
+
+    for (t = LOAD_ACQ(&all_thr); t; t = t->next) {
+        v += __atomic_load_n(&t->hits[slot], __ATOMIC_RELAXED);
+        if (zero)
+            __atomic_store_n(&t->hits[slot], 0, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
+/* After a grace period no thread runs a dead attachment: fold its threads'
+ * counts into it and free its slot. */
+static void release_slots(void)
+{
+    int i;
+
+    for (i = 0; i < HIT_SLOTS; i++) {
+        struct att *at = slot_owner[i];
+
+        if (at && !at->live) {
+            at->hits += slot_sum(i, 1);
+            at->slot = -1;
+            slot_owner[i] = NULL;
+        }
+    }
+}
+
 static int grace_and_free(double timeout)
 {
     uint32_t i;
@@ -1529,6 +1596,7 @@ static int grace_and_free(double timeout)
     pending_grace = !ok;
 
     if (ok) {
+        release_slots();    /* before the retired attachments are freed */
         for (i = 0; i < nretired; i++)
             free(retired[i]);
         nretired = 0;
@@ -2144,6 +2212,13 @@ static int new_att(struct txn *tx, struct att **out)
         return -ENOMEM;
     }
     at->live = 1;
+    at->slot = -1;
+    for (int i = 0; i < HIT_SLOTS; i++)
+        if (!slot_owner[i]) {
+            slot_owner[i] = at;
+            at->slot = i;
+            break;
+        }
     tx->added[tx->nadded++] = at;
     *out = at;
     return 0;
@@ -2351,6 +2426,7 @@ static void txn_abort(struct txn *tx, int committed_arrays)
         tx->semas[i]->sema = NULL;
     for (i = 0; i < tx->nadded; i++) {
         free(tx->added[i]->where);
+        tx->added[i]->live = 0;  /* its hit slot is released by the next grace period */
         retire(tx->added[i]);    /* a hit may have seen it (committed arrays) */
     }
     for (e = 0; e < 2; e++)
@@ -2698,7 +2774,7 @@ uint64_t hybrid_agent_hits(uint32_t attach_id)
     pthread_mutex_lock(&ctl_lock);
     at = att_by_id(attach_id);
     if (at)
-        v = __atomic_load_n(&at->hits, __ATOMIC_RELAXED);
+        v = __atomic_load_n(&at->hits, __ATOMIC_RELAXED) + (at->slot >= 0 ? slot_sum(at->slot, 0) : 0);
     pthread_mutex_unlock(&ctl_lock);
     return v;
 }
@@ -2737,7 +2813,8 @@ int hybrid_agent_status(char *buf, uint64_t len)
         else
             kind = at->enter ? "syscall-enter" : "syscall-exit";
         n = snprintf(buf + used, len - used, "%u %s %u %s %llu %llu\n", at->id, kind, at->prog,
-                     at->where ? at->where : "?", (unsigned long long)at->hits, (unsigned long long)at->missed);
+                     at->where ? at->where : "?", (unsigned long long)(at->hits + (at->slot >= 0 ? slot_sum(at->slot, 0) : 0)),
+                     (unsigned long long)at->missed);
         if (n < 0 || (uint64_t)n >= len - used) {
             buf[used] = 0;
             pthread_mutex_unlock(&ctl_lock);

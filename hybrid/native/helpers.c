@@ -103,6 +103,7 @@
  * BPF_F_USER_BUILD_ID is -EINVAL (not supported).
  */
 #define _GNU_SOURCE
+#include "runtime.h"
 #include "helpers.h"
 #include "maps.h"
 
@@ -1138,7 +1139,7 @@ static void trace_write(int fd, const char *line, size_t n)
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
-static __thread uint32_t trace_tid;
+static HYBRID_TLS uint32_t trace_tid;
 
 static void trace_reset_in_child(void)
 {
@@ -1462,7 +1463,7 @@ uint64_t hybrid_helper_get_current_task(uint64_t r1, uint64_t r2, uint64_t r3, u
 /* The current probe                                                         */
 /* ========================================================================= */
 
-__thread struct hybrid_probe_ctx *hybrid_current_probe;
+HYBRID_TLS struct hybrid_probe_ctx *hybrid_current_probe;
 
 struct hybrid_probe_ctx *hybrid_probe_enter(struct hybrid_probe_ctx *ctx)
 {

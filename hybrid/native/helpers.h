@@ -92,6 +92,6 @@ uint64_t hybrid_helper_loop(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, 
 
 /* The probe of the current thread (what hybrid_probe_enter sets).  Exported
  * for trampolines that would rather store it directly. */
-extern __thread struct hybrid_probe_ctx *hybrid_current_probe;
+extern __thread struct hybrid_probe_ctx *hybrid_current_probe __attribute__((tls_model("initial-exec")));
 
 #endif /* HYBRID_HELPERS_H */

@@ -919,7 +919,7 @@ int hybrid_prog_register(uint32_t id, void *entry)
  * MAX_TAIL_CALL_CNT, and a program that tail-calls itself ends instead of
  * overflowing the stack. */
 #define MAX_TAIL_CALL_CNT 33
-static __thread uint32_t tail_call_depth;
+static HYBRID_TLS uint32_t tail_call_depth;
 
 void *hybrid_tail_call_target(struct hybrid_map *m, uint32_t index)
 {

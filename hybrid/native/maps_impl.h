@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "runtime.h"
 #include "maps.h"
 
 #if defined(__GLIBC__) && defined(__has_include)

@@ -61,7 +61,7 @@ uint64_t hybrid_helper_ktime_get_coarse_ns(uint64_t r1, uint64_t r2, uint64_t r3
 }
 
 /* xorshift64* per thread, seeded once from getrandom(); no syscall per call. */
-static __thread uint64_t prng_state;
+static HYBRID_TLS uint64_t prng_state;
 
 static uint64_t prng_seed(void)
 {
@@ -96,7 +96,7 @@ uint64_t hybrid_helper_get_smp_processor_id(uint64_t r1, uint64_t r2, uint64_t r
 
 /* pid and tid are cached; the fork handler resets them in the child. */
 static uint32_t cached_pid;
-static __thread uint32_t cached_tid;
+static HYBRID_TLS uint32_t cached_tid;
 
 static void reset_ids_in_child(void)
 {

@@ -23,4 +23,10 @@ uint64_t hybrid_helper_ktime_get_boot_ns(uint64_t r1, uint64_t r2, uint64_t r3, 
 uint64_t hybrid_helper_ktime_get_coarse_ns(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5);
 /* cdef-end */
 
+/* Thread-locals of the hit path.  initial-exec: one %fs-relative load, no
+ * __tls_get_addr call.  The whole runtime has a few dozen bytes of them,
+ * which glibc's static TLS surplus takes even when the library is
+ * dlopen()ed into a running process (the agent, hybrid._native). */
+#define HYBRID_TLS __thread __attribute__((tls_model("initial-exec")))
+
 #endif /* HYBRID_RUNTIME_H */

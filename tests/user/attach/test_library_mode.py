@@ -215,3 +215,65 @@ SEC("kprobe/do_sys_openat2") int kp(void *ctx) { return 0; }
     with hybrid.load(path) as obj:
         with pytest.raises(AttachError, match="no program that runs in a traced process"):
             obj.attach()
+
+
+FLAGS_C = r"""
+/* long flagsfn(long a, long b): cmp a, b; [probe at +3]; the arithmetic flags read back after
+ * the probe (CF PF AF ZF SF OF).  long dfn(void): std; [probe at +1]; DF read back. */
+__asm__(".text\n.globl flagsfn\n.type flagsfn,@function\nflagsfn:\n"
+        "    cmp %rsi, %rdi\n"                 /* 3 bytes: the probe goes after it */
+        "    movl $0, %r8d\n"                  /* 6 bytes, flags untouched: the patch window */
+        "    pushfq\n    pop %rax\n    and $0x8d5, %rax\n    ret\n"
+        ".size flagsfn, .-flagsfn\n"
+        ".globl dfn\n.type dfn,@function\ndfn:\n"
+        "    std\n"
+        "    movl $0, %eax\n"
+        "    pushfq\n    pop %rax\n    cld\n    shr $10, %rax\n    and $1, %rax\n    ret\n"
+        ".size dfn, .-dfn\n");
+"""
+
+FLAGS_PROG = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+char LICENSE[] SEC("license") = "GPL";
+u64 hits;
+SEC("uprobe/%(lib)s:flagsfn+0x3")
+int mid(struct pt_regs *ctx)
+{
+    /* arithmetic that leaves other flags behind */
+    hits += ctx->di * 3 + (ctx->si ^ 0x5555) - 1;
+    return 0;
+}
+SEC("uprobe/%(lib)s:dfn+0x1")
+int mid_df(void *ctx)
+{
+    hits++;
+    return 0;
+}
+"""
+
+
+def test_flags_survive_a_probe_mid_function(bpf_build, tmp_path):
+    """A probe at func+offset where the flags are live: every flag (and DF) is as it was."""
+    src, so = tmp_path / "flags.c", tmp_path / "libflags.so"
+    src.write_text(FLAGS_C)
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
+    h = ctypes.CDLL(str(so))
+    h.flagsfn.restype = ctypes.c_long
+    h.flagsfn.argtypes = [ctypes.c_long, ctypes.c_long]
+    h.dfn.restype = ctypes.c_long
+    cases = [(1, 2), (2, 1), (5, 5), (-(1 << 63), 1), ((1 << 63) - 1, -1), (0, 0), (3, 0), (0x10, 0x0F),
+             (-1, 1), (7, 4)]
+    expected = [h.flagsfn(a, b) for a, b in cases]
+    assert len(set(expected)) >= 5  # the cases cover different flag combinations, OF among them
+    assert any(e & 0x800 for e in expected)
+    assert h.dfn() == 1
+    path = bpf_build.source("flags", FLAGS_PROG % {"lib": so})
+    with hybrid.load(path) as obj:
+        att = obj.attach()
+        got = [h.flagsfn(a, b) for a, b in cases]
+        df = h.dfn()
+        assert att.hits("mid") == len(cases) and att.hits("mid_df") == 1
+        att.detach()
+    assert got == expected
+    assert df == 1
