@@ -236,6 +236,9 @@ def _plan_syscall(plan: _Plan, lp, prog_id: int) -> None:
             ev = syscalls.sys_enter_event(name) if direction == "enter" else syscalls.sys_exit_event(name)
         except HybridError as e:
             raise _fail(lp, str(e)) from None
+        bad = _record_layout_problem(ev.fields, direction)
+        if bad:
+            raise _fail(lp, "the kernel's %s record is not laid out as the agent builds it: %s" % (t.name, bad))
         plan.attach.append("syscall %d %d %s %d %d tp" % (aid, prog_id, direction, ev.nr, ev.event_id))
         where = "syscalls:%s" % t.name
     else:
@@ -244,6 +247,29 @@ def _plan_syscall(plan: _Plan, lp, prog_id: int) -> None:
         plan.attach.append("syscall %d %d %s -1 0 raw" % (aid, prog_id, direction))
         where = "raw_tp:%s" % t.name
     plan.placements.append(Placement(aid, lp.name, "syscall", where))
+
+
+# The records the agent builds (agent.c: struct tp_enter, struct tp_exit): the common fields,
+# __syscall_nr at 8, then the arguments as 8-byte slots from 16, or ret at 16.
+_COMMON = {"common_type": (0, 2), "common_flags": (2, 1), "common_preempt_count": (3, 1), "common_pid": (4, 4),
+           "__syscall_nr": (8, 4)}
+
+
+def _record_layout_problem(fields, direction: str) -> str | None:
+    """Why the tracefs format of a syscall event differs from the agent's record (None: it does not)."""
+    args = 0
+    for f in fields:
+        if f.name in _COMMON:
+            if (f.offset, f.size) != _COMMON[f.name]:
+                return "%s at offset %d size %d" % (f.name, f.offset, f.size)
+        elif direction == "exit":
+            if (f.name, f.offset, f.size) != ("ret", 16, 8):
+                return "%s at offset %d size %d" % (f.name, f.offset, f.size)
+        else:
+            if (f.offset, f.size) != (16 + 8 * args, 8) or args >= 6:
+                return "argument %s at offset %d size %d" % (f.name, f.offset, f.size)
+            args += 1
+    return None
 
 
 def userspace_kind(lp: "LoadedProgram") -> str | None:

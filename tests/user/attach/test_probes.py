@@ -127,6 +127,19 @@ int on_raw_enter(struct bpf_raw_tracepoint_args *ctx)
         add_to(17, 1);
     return 0;
 }}
+
+SEC("raw_tp/sys_exit")
+int on_raw_exit(struct bpf_raw_tracepoint_args *ctx)
+{{
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long nr = 0;
+
+    /* as on the kernel side: the number from the saved registers, the result in args[1] */
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    if (nr == 110 && ctx->args[1] == {ppid})
+        add_to(18, 1);
+    return 0;
+}}
 """
 
 OVERRIDE = r"""
@@ -242,7 +255,7 @@ def test_launch_syscall_tracepoints(bpf_build, workload):
     assert res["sys"] == n
     assert c[13] == c[14] == n
     assert c[15] == c[16] == n
-    assert c[17] == n
+    assert c[17] == c[18] == n
 
 
 def test_launch_override_return(bpf_build, workload):
@@ -396,6 +409,12 @@ struct {{
     __uint(max_entries, 4096);
 }} small SEC(".maps");
 
+struct {{
+    __uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY);
+    __uint(key_size, sizeof(u32));
+    __uint(value_size, sizeof(u32));
+}} perf SEC(".maps");
+
 struct event {{ long a, b; u32 tid; }};
 
 SEC("uprobe/{exe}:add")
@@ -404,6 +423,8 @@ int BPF_KPROBE(on_add_event, long a, long b)
     struct event e = {{ .a = a, .b = b, .tid = (u32)bpf_get_current_pid_tgid() }};
     bpf_ringbuf_output(&events, &e, sizeof(e), 0);
     bpf_ringbuf_output(&small, &e, sizeof(e), 0);   /* fills up: counted as lost */
+    if ((u64)a % 100 == 0)
+        bpf_perf_event_output(ctx, &perf, BPF_F_CURRENT_CPU, &e, sizeof(e));
     if (a == 7 && b == 0)
         bpf_printk("hybrid add %ld %ld", a, b);
     return 0;
@@ -414,7 +435,7 @@ int BPF_KPROBE(on_add_event, long a, long b)
 def test_events_from_the_target(bpf_build, workload, tmp_path):
     import struct
 
-    from hybrid.user.maps import RingBufferConsumer
+    from hybrid.user.maps import PerfBufferConsumer, RingBufferConsumer
 
     threads, calls = 2, 20_000
     trace = tmp_path / "trace"
@@ -428,18 +449,26 @@ def test_events_from_the_target(bpf_build, workload, tmp_path):
     env = dict(os.environ, HYBRID_TRACE_PIPE=str(trace))
     with hybrid.load(build(bpf_build, "events", EVENTS, exe=workload)) as obj:
         rb = RingBufferConsumer(obj.maps["events"], on_event)
+        perf_seen: list[tuple[int, int]] = []
+        pb = PerfBufferConsumer(obj.maps["perf"], lambda cpu, d: perf_seen.append(struct.unpack_from("<qq", d)))
         with obj.launch([workload, "add", str(threads), str(calls)], stdout=subprocess.PIPE, text=True,
                         env=env) as p:
             while p.popen.poll() is None:
                 rb.poll(50)
+                pb.consume()
             out, _ = p.popen.communicate(timeout=60)
         rb.consume()
+        pb.consume()
+        perf_lost = pb.lost
+        pb.close()
         lost = obj.maps["events"].lost
         small_lost = obj.maps["small"].lost
         small_kept = RingBufferConsumer(obj.maps["small"], lambda d: None).consume()
     assert run_line(out)["add"] == threads * tri(calls) + calls * tri(threads)
     assert sorted(seen) == sorted((i, t) for t in range(threads) for i in range(calls))
     assert lost == 0
+    assert perf_lost == 0
+    assert sorted(perf_seen) == sorted((i, t) for t in range(threads) for i in range(0, calls, 100))
     # a full buffer counts what it could not take: nothing vanishes silently
     assert small_lost > 0 and small_kept + small_lost == threads * calls
     lines = trace.read_text().splitlines()
