@@ -498,15 +498,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _aot_prog_lines(progs: Sequence["LoadedProgram"], workdir: Path) -> dict[int, str]:
+def _aot_library(lp: "LoadedProgram") -> Path:
+    """``lp`` compiled to a shared library, once per loaded object (attaching again reuses it)."""
+    import weakref
+
     from hybrid.user import aot
 
-    lines = {}
-    for lp in progs:
-        so = workdir / ("prog-%d.so" % lp.id)
-        aot.build_shared(lp.program, so)
-        lines[lp.id] = "prog %d %s bpf_entry" % (lp.id, so)
-    return lines
+    obj = lp.object
+    d = obj.__dict__.get("_aot_dir")
+    if d is None:
+        d = obj._aot_dir = _workdir()
+        weakref.finalize(obj, shutil.rmtree, d, True)
+    so = d / ("prog-%d.so" % lp.id)
+    if not so.exists():
+        tmp = d / ("prog-%d.so.tmp" % lp.id)
+        aot.build_shared(lp.program, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, so)
+    return so
+
+
+def _aot_prog_lines(progs: Sequence["LoadedProgram"], workdir: Path) -> dict[int, str]:
+    return {lp.id: "prog %d %s bpf_entry" % (lp.id, _aot_library(lp)) for lp in progs}
 
 
 def _self_prog_lines(progs: Sequence["LoadedProgram"], engine: str) -> dict[int, str]:
@@ -551,6 +564,9 @@ def attach(obj: "BpfObject", pid: int | None = None, *, programs: Iterable[str] 
         if obj.region is not None:
             _share_with(pid, obj.region.path)
         _share_with(pid, wd, *wd.iterdir())
+        aot_dir = obj.__dict__.get("_aot_dir")
+        if aot_dir is not None:
+            _share_with(pid, aot_dir, *aot_dir.iterdir())
         ch = _ProcessChannel(pid, wd)
         ch.apply(p.text())
     except BaseException:
