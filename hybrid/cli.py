@@ -89,6 +89,17 @@ def _print_maps(obj, out=None) -> None:
         print(text, file=out or sys.stdout)
 
 
+def _note_skipped(obj, chosen) -> None:
+    """Say which programs stay unattached: they are not userspace programs (kernel ones come later)."""
+    from hybrid.user.attach.agent import userspace_kind
+
+    names = sorted(n for n, lp in obj.programs.items() if (chosen is None or n not in chosen)
+                   and (userspace_kind(lp) is None or lp.attach_target is None))
+    if names and chosen is None:
+        print("hybrid: not attached (no userspace attach point): %s" % ", ".join(
+            "%s (%s)" % (n, obj.programs[n].section) for n in names), file=sys.stderr)
+
+
 def _attach_run(args: argparse.Namespace) -> int:
     import hybrid
 
@@ -98,6 +109,7 @@ def _attach_run(args: argparse.Namespace) -> int:
     if not command:
         raise HybridError("hybrid run: no command given (hybrid run OBJ -- CMD ARGS)")
     with hybrid.load(args.object) as obj:
+        _note_skipped(obj, args.prog)
         with obj.launch(command, programs=args.prog or None) as proc:
             if args.verbose:
                 for pl in proc.attachment.placements:
@@ -118,6 +130,7 @@ def _attach_pid(args: argparse.Namespace) -> int:
     import hybrid
 
     with hybrid.load(args.object) as obj:
+        _note_skipped(obj, args.prog)
         att = obj.attach(args.pid, programs=args.prog or None)
         for pl in att.placements:
             print("hybrid: %s %s at %s in process %d" % (pl.kind, pl.program, pl.where, args.pid), file=sys.stderr)
