@@ -98,3 +98,28 @@ class InjectError(HybridError):
 
     ``InjectError: dlopen(/tmp/x.so) in process 123 failed: /tmp/x.so: cannot open shared object file``
     """
+
+
+class KernelError(HybridError):
+    """The kernel refused something (bpf(), perf_event_open(), a libbpf or bcc call); names what and why.
+
+    ``KernelError: program 'count' (raw_tp/sys_enter): load: [EPERM] loading kernel programs needs root
+    (or CAP_BPF and CAP_PERFMON)``.  ``errno`` is the kernel's error number (0 if there is none).
+    Every kernel object created on the way is released before it is raised.
+    """
+
+    def __init__(self, message: str, errno: int = 0):
+        super().__init__(message)
+        self.errno = errno
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.errno))
+
+
+class FeatureError(KernelError):
+    """The running kernel lacks a feature; names it, how it was detected and what to use instead.
+
+    ``FeatureError: program 'open' (kprobe/do_sys_openat2): this kernel has no kprobes
+    (/sys/bus/event_source/devices/kprobe is missing: CONFIG_KPROBES is not set); use a tracepoint
+    (tracepoint/syscalls/sys_enter_openat) or a raw tracepoint (raw_tp/sys_enter) instead``
+    """
