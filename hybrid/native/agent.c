@@ -375,6 +375,7 @@ static inline uint64_t run_prog(struct thr *t, struct att *at, void *ctx, uint64
     pc->override_rc = 0;
     prev = hybrid_probe_enter(pc);
     r = ((uint64_t(*)(void *))at->entry)(ctx);
+    hybrid_bridge_flush_fast();    /* writes through lookups of kernel-backed maps (maps.c); a branch if none */
     hybrid_probe_restore(prev);
     if (LIKELY(at->slot >= 0))
         t->hits[at->slot]++;    /* exact, thread-private */
@@ -1891,33 +1892,50 @@ static char *xstrdup_printf(const char *fmt, ...)
     return strdup(buf);
 }
 
-/* Is [addr, addr+size) already PATH (dev/ino) mapped at addr? 1 yes, 0 free, -1 something else */
+/* Is [addr, addr+size) already PATH (dev/ino) mapped at addr? 1 yes, 0 free, -1 something else.
+ * "Mapped" is a contiguous cover of the range by segments of PATH at their own offset
+ * (addr + off) and by mmap()ed kernel maps (anon_inode:bpf-map): the overlays of the region's
+ * mmap-mode bridged maps (maps.c) split its mapping into several segments. */
 static int region_state(uint64_t addr, uint64_t size, const struct stat *st)
 {
     FILE *f = fopen("/proc/self/maps", "re");
     char line[1024];
-    int state = 0;
+    uint64_t next = addr;
+    int seen = 0, ours = 1, file = 0;
 
     if (!f)
         return -1;
     while (fgets(line, sizeof(line), f)) {
         unsigned long long lo, hi, off, ino;
         unsigned maj, mnr;
+        int pos = 0;
+        char *path;
 
-        if (sscanf(line, "%llx-%llx %*s %llx %x:%x %llu", &lo, &hi, &off, &maj, &mnr, &ino) != 6)
+        if (sscanf(line, "%llx-%llx %*s %llx %x:%x %llu%n", &lo, &hi, &off, &maj, &mnr, &ino, &pos) != 6)
             continue;
         if (hi <= addr || lo >= addr + size)
             continue;
-        if (lo == addr && off == 0 && ino == (unsigned long long)st->st_ino &&
-            makedev(maj, mnr) == st->st_dev && hi >= addr + size) {
-            state = 1;
-            continue;
+        seen = 1;
+        path = line + pos;
+        path += strspn(path, " \t");
+        path[strcspn(path, "\n")] = 0;
+        if (lo != next) {
+            ours = 0;    /* starts before addr, or a hole */
+            break;
         }
-        state = -1;
-        break;
+        if (lo >= addr && off == lo - addr && ino == (unsigned long long)st->st_ino &&
+            makedev(maj, mnr) == st->st_dev)
+            file = 1;
+        else if (lo == addr || strcmp(path, "anon_inode:bpf-map") != 0) {
+            ours = 0;    /* the header page is always the file's */
+            break;
+        }
+        next = hi;
     }
     fclose(f);
-    return state;
+    if (!seen)
+        return 0;
+    return ours && file && next >= addr + size ? 1 : -1;
 }
 
 #define ERR(...) do { snprintf(err, errlen, __VA_ARGS__); } while (0)
@@ -1967,6 +1985,17 @@ static int cmd_region(struct txn *tx, struct line *l, char *err, size_t errlen)
         else
             ERR("cannot map %s at 0x%llx: %s", l->tok[3], (unsigned long long)addr, strerror(e));
         return -e;
+    }
+    {
+        /* maps backed by kernel maps: mmap overlays, fds (maps.c); the munmap drops the overlays */
+        char msg[384];
+        int rc = hybrid_region_attach_bridges(p, size, msg, sizeof(msg));
+
+        if (rc < 0) {
+            munmap(p, size);
+            ERR("%s: %s", l->tok[3], msg);
+            return rc;
+        }
     }
     tx->regions[tx->nregions].addr = addr;
     tx->regions[tx->nregions++].size = size;

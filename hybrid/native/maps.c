@@ -49,16 +49,83 @@
  *     hybrid_stackmap_store gets the already skipped trace.
  *   - PERF_EVENT_ARRAY's map_extra is the per-entry ring size (see ring.c).
  *   - LRU with BPF_F_NO_PREALLOC is -EINVAL (the kernel says -ENOTSUPP).
+ *
+ * Bridges: maps backed by a kernel map (created elsewhere with
+ * bpf(BPF_MAP_CREATE); the header names it by `kernel_id`).  Every process
+ * that maps a region calls hybrid_region_attach_bridges (Python's Region,
+ * the agent's `region` command), which checks each kernel map's attributes
+ * (BPF_OBJ_GET_INFO_BY_FD) against the header.
+ *
+ *   mmap mode (`bridge` 1): an ARRAY whose kernel map is BPF_F_MMAPABLE.
+ *     The header is a normal ARRAY header at a page boundary; its storage
+ *     (off_a = one page further: max_entries values of `stride` bytes, the
+ *     kernel's mmap layout) is replaced in every process by an
+ *     mmap(MAP_SHARED | MAP_FIXED) of the kernel map.  Nothing else changes:
+ *     C, Python, the JIT's inlined lookups and direct value access
+ *     (global data) read and write kernel memory at memory speed, and
+ *     atomic operations on it are atomic against the kernel's programs too.
+ *
+ *   syscall mode (`bridge` 2): HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY,
+ *     LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE, QUEUE, STACK, BLOOM_FILTER.  The
+ *     region holds the header only; every operation is a bpf() map command
+ *     (raw system call, no libbpf) on this process's fd of the kernel map,
+ *     opened with BPF_MAP_GET_FD_BY_ID and cached for the life of the
+ *     process (a lock-free id -> fd table; hybrid_bridge_release drops it).
+ *     The test is one predictable branch on `bridge`, in line 0 of the
+ *     header next to `type`: maps of our own pay nothing else.
+ *     From a program:
+ *       - bpf_map_lookup_elem returns a pointer to a per-thread copy of the
+ *         value (per-CPU maps: the current CPU's slot of the all-CPU value),
+ *         with a snapshot taken at the lookup.  The same element looked up
+ *         again in the same run gives the same pointer.
+ *       - Writes through that pointer reach the kernel at the end of the
+ *         run: hybrid_bridge_flush(), called after every program run by the
+ *         engines and the agent, compares each copy with its snapshot and
+ *         writes the changed ones back with BPF_MAP_UPDATE_ELEM(BPF_EXIST)
+ *         (per-CPU maps: read all CPUs, replace this CPU's slot, write all).
+ *         An element deleted meanwhile stays deleted: the write is dropped,
+ *         as a program's write to a freed element is in the kernel.  So a
+ *         write is *not* atomic against concurrent writers of the same key:
+ *         `__sync_fetch_and_add` through such a pointer adds to the copy and
+ *         the write-back overwrites what the other side wrote meanwhile.
+ *         Give each side its own keys, or use bpf_map_update_elem, or an mmap
+ *         array for counters both sides add to.
+ *       - LPM_TRIE: the write-back uses the lookup key, so it only reaches
+ *         an entry whose prefix is exactly that key (otherwise dropped).
+ *       - bpf_map_update_elem on a per-CPU map sets the current CPU's value
+ *         only (read all, set one, write all: not atomic either); deletes and
+ *         updates by the same thread in the same run are seen by its earlier
+ *         copies as in the kernel (arrays and per-CPU values: updated in
+ *         place; hash elements: replaced, the old copy's writes dropped).
+ *       - Copies live in a per-thread arena (256 KiB, mmap()ed on first use,
+ *         recycled when the thread exits: no malloc, one initial-exec TLS
+ *         pointer) with at most 16 lookups per run; past either limit a
+ *         lookup returns NULL and counts in the map's `lost` counter, rather
+ *         than reuse memory an earlier pointer still refers to.  A caller
+ *         that runs programs without calling hybrid_bridge_flush() leaves
+ *         its lookups pending and soon gets only NULLs.
+ *     From C and Python (syscall semantics): lookup_copy, update, delete,
+ *     next_key, push/pop/peek are the bpf() commands themselves; per-CPU
+ *     values are one per possible CPU, so the region's nr_cpus must be the
+ *     kernel's.  hybrid_map_count: arrays max_entries, hash maps count their
+ *     keys by iterating them (a system call per key), queues, stacks and
+ *     bloom filters 0.  Opening a kernel map by id needs CAP_SYS_ADMIN in
+ *     every process that maps the region.
  */
 #include "maps_impl.h"
 
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 _Static_assert(offsetof(struct hybrid_map, mask) == 64, "line 0 of the map header is the hot config");
+_Static_assert(offsetof(struct hybrid_map, bridge) < 64, "the bridge test reads line 0, as the hot paths do");
 _Static_assert(sizeof(struct hybrid_region) == 64, "region header");
 _Static_assert(sizeof(struct hybrid_ring) == HYBRID_RING_DATA_OFF, "ring header");
 
@@ -154,8 +221,8 @@ static int layout_hash(uint32_t type, uint32_t ks, uint32_t vs, uint32_t max, ui
     return 0;
 }
 
-static int layout(uint32_t type, uint32_t ks, uint32_t vs, uint32_t max, uint32_t flags, uint64_t extra,
-                  uint32_t ncpu, struct layout *L)
+static int layout_own(uint32_t type, uint32_t ks, uint32_t vs, uint32_t max, uint32_t flags, uint64_t extra,
+                      uint32_t ncpu, struct layout *L)
 {
     memset(L, 0, sizeof(*L));
     if (ncpu == 0 || ncpu > 65536)
@@ -280,11 +347,63 @@ static int layout(uint32_t type, uint32_t ks, uint32_t vs, uint32_t max, uint32_
     }
 }
 
+static int bridge_syscall_type(uint32_t t)
+{
+    switch (t) {
+    case BPF_MAP_TYPE_HASH:
+    case BPF_MAP_TYPE_ARRAY:
+    case BPF_MAP_TYPE_PERCPU_HASH:
+    case BPF_MAP_TYPE_PERCPU_ARRAY:
+    case BPF_MAP_TYPE_LRU_HASH:
+    case BPF_MAP_TYPE_LRU_PERCPU_HASH:
+    case BPF_MAP_TYPE_LPM_TRIE:
+    case BPF_MAP_TYPE_QUEUE:
+    case BPF_MAP_TYPE_STACK:
+    case BPF_MAP_TYPE_BLOOM_FILTER:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* The layout of a map, bridged or not.  The attributes are checked as for a
+ * map of our own (the kernel map must have been valid for the type too).
+ *   mmap:    an ARRAY whose header starts a page; off_a is the next page and
+ *            the storage is the kernel's mmap layout, whole pages, so that
+ *            the overlay of the kernel map shares no page with anything.
+ *   syscall: the header only; `stride` stays (per-CPU slot of a value copy). */
+static int layout(uint32_t type, uint32_t ks, uint32_t vs, uint32_t max, uint32_t flags, uint64_t extra,
+                  uint32_t ncpu, uint32_t bridge, struct layout *L)
+{
+    int err;
+
+    if (bridge > HYBRID_BRIDGE_SYSCALL)
+        return -EINVAL;
+    if (bridge == HYBRID_BRIDGE_MMAP && type != BPF_MAP_TYPE_ARRAY)
+        return -EOPNOTSUPP;
+    if (bridge == HYBRID_BRIDGE_SYSCALL && !bridge_syscall_type(type))
+        return -EOPNOTSUPP;
+    err = layout_own(type, ks, vs, max, flags, extra, ncpu, L);
+    if (err || bridge == HYBRID_BRIDGE_NONE)
+        return err;
+    if (bridge == HYBRID_BRIDGE_MMAP) {
+        L->off_a = HYBRID_PAGE;
+        L->size = HYBRID_PAGE + round_up((uint64_t)max * L->stride, HYBRID_PAGE);
+    } else {
+        uint32_t stride = (uint32_t)round_up(vs, 8);
+
+        memset(L, 0, sizeof(*L));
+        L->stride = stride;
+        L->size = HDR_SIZE;
+    }
+    return 0;
+}
+
 int64_t hybrid_map_size(uint32_t type, uint32_t key_size, uint32_t value_size, uint32_t max_entries,
-                        uint32_t map_flags, uint64_t map_extra, uint32_t nr_cpus)
+                        uint32_t map_flags, uint64_t map_extra, uint32_t nr_cpus, uint32_t bridge)
 {
     struct layout L;
-    int err = layout(type, key_size, value_size, max_entries, map_flags, map_extra, nr_cpus, &L);
+    int err = layout(type, key_size, value_size, max_entries, map_flags, map_extra, nr_cpus, bridge, &L);
 
     if (err)
         return err;
@@ -1207,7 +1326,12 @@ static int layout_matches(const struct hybrid_map *m)
 {
     struct layout L;
 
-    if (layout(m->type, m->key_size, m->value_size, m->max_entries, m->map_flags, m->map_extra, m->nr_cpus, &L))
+    if (layout(m->type, m->key_size, m->value_size, m->max_entries, m->map_flags, m->map_extra, m->nr_cpus,
+               m->bridge, &L))
+        return 0;
+    if ((m->bridge != HYBRID_BRIDGE_NONE) != (m->kernel_id != 0))
+        return 0;
+    if (m->bridge == HYBRID_BRIDGE_MMAP && m->self_off % HYBRID_PAGE)
         return 0;
     return L.off_a == m->off_a && L.off_b == m->off_b && L.off_c == m->off_c && L.plane == m->plane &&
            L.stride == m->stride && L.mask == m->mask && L.elem_size == m->elem_size && L.nelems == m->nelems &&
@@ -1261,7 +1385,7 @@ uint32_t hybrid_region_nr_cpus(const void *base)
 
 int hybrid_map_init(void *at, uint64_t self_off, uint32_t type, uint32_t key_size, uint32_t value_size,
                     uint32_t max_entries, uint32_t map_flags, uint64_t map_extra, uint32_t nr_cpus,
-                    uint32_t id, const char *name)
+                    uint32_t id, const char *name, uint32_t bridge, uint32_t kernel_id)
 {
     struct hybrid_map *m = at;
     struct layout L;
@@ -1269,11 +1393,18 @@ int hybrid_map_init(void *at, uint64_t self_off, uint32_t type, uint32_t key_siz
 
     if (((uintptr_t)at % CACHELINE) || (self_off % CACHELINE))
         return -EINVAL;
-    err = layout(type, key_size, value_size, max_entries, map_flags, map_extra, nr_cpus, &L);
+    if ((bridge != HYBRID_BRIDGE_NONE) != (kernel_id != 0))
+        return -EINVAL;
+    if (bridge == HYBRID_BRIDGE_MMAP && (((uintptr_t)at % HYBRID_PAGE) || (self_off % HYBRID_PAGE)))
+        return -EINVAL;
+    err = layout(type, key_size, value_size, max_entries, map_flags, map_extra, nr_cpus, bridge, &L);
     if (err)
         return err;
-    memset(m, 0, round_up(L.size, CACHELINE));
-    m->off_a = L.off_a;
+    /* a bridged map's storage (mmap) is the kernel's: its pages here are never touched */
+    memset(m, 0, bridge ? HDR_SIZE : round_up(L.size, CACHELINE));
+    m->off_a = (uint32_t)L.off_a;
+    m->bridge = bridge;
+    m->kernel_id = kernel_id;
     m->off_b = L.off_b;
     m->off_c = L.off_c;
     m->plane = L.plane;
@@ -1300,7 +1431,7 @@ int hybrid_map_init(void *at, uint64_t self_off, uint32_t type, uint32_t key_siz
      * the same stacks get the same ids in every run */
     if (type != BPF_MAP_TYPE_STACK_TRACE && !(map_flags & BPF_F_ZERO_SEED) && getrandom(&m->seed, sizeof(m->seed), GRND_NONBLOCK) != sizeof(m->seed))
         m->seed = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uintptr_t)at;
-    if (is_hash(type)) {
+    if (is_hash(type) && bridge == HYBRID_BRIDGE_NONE) {
         /* freelist: every element, popped in index order */
         for (uint32_t i = 0; i < m->nelems; i++)
             helem(m, i)->next = i + 1 < m->nelems ? i + 2 : 0;
@@ -1347,6 +1478,8 @@ int hybrid_map_describe(const struct hybrid_map *m, struct hybrid_map_desc *out)
     out->inner_value_size = m->inner_value_size;
     out->inner_max_entries = m->inner_max_entries;
     out->inner_flags = m->inner_flags;
+    out->kernel_id = m->kernel_id;
+    out->bridge = m->bridge;
     out->map_extra = m->map_extra;
     out->size = m->size;
     out->self_off = m->self_off;
@@ -1355,8 +1488,784 @@ int hybrid_map_describe(const struct hybrid_map *m, struct hybrid_map_desc *out)
     return 0;
 }
 
+/* ------------------------------------------------------------------------ */
+/* bridges: maps backed by a kernel map (semantics in the file comment)      */
+
+/* bpf(2) commands and attributes (include/uapi/linux/bpf.h).  A stable ABI,
+ * spelled out here so that the build does not depend on the host's headers. */
+enum {
+    CMD_MAP_LOOKUP_ELEM = 1,
+    CMD_MAP_UPDATE_ELEM = 2,
+    CMD_MAP_DELETE_ELEM = 3,
+    CMD_MAP_GET_NEXT_KEY = 4,
+    CMD_MAP_GET_FD_BY_ID = 14,
+    CMD_OBJ_GET_INFO_BY_FD = 15,
+    CMD_MAP_LOOKUP_AND_DELETE_ELEM = 21,
+};
+
+struct bpf_elem_attr {          /* BPF_MAP_*_ELEM, BPF_MAP_GET_NEXT_KEY */
+    uint32_t map_fd, _pad;
+    uint64_t key, value;        /* value: next_key for GET_NEXT_KEY */
+    uint64_t flags;
+};
+
+struct bpf_id_attr {            /* BPF_MAP_GET_FD_BY_ID */
+    uint32_t id, next_id, open_flags;
+};
+
+struct bpf_info_attr {          /* BPF_OBJ_GET_INFO_BY_FD */
+    uint32_t bpf_fd, info_len;
+    uint64_t info;
+};
+
+struct bpf_map_info_v {         /* struct bpf_map_info up to map_extra */
+    uint32_t type, id, key_size, value_size, max_entries, map_flags;
+    char name[16];
+    uint32_t ifindex, btf_vmlinux_value_type_id;
+    uint64_t netns_dev, netns_ino;
+    uint32_t btf_id, btf_key_type_id, btf_value_type_id, _pad;
+    uint64_t map_extra;
+};
+
+#ifndef __NR_bpf
+#if defined(__x86_64__)
+#define __NR_bpf 321
+#elif defined(__aarch64__)
+#define __NR_bpf 280
+#endif
+#endif
+
+/* System calls on the path of a program's map operation go straight to the
+ * kernel, not through libc: in a traced process libc's wrappers may be
+ * patched syscall sites (agent.c), whose probes would then run inside a
+ * probe (and be counted as missed).  Returns the result or -errno. */
+static inline long raw_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
+{
+#if defined(__x86_64__)
+    long ret;
+    register long r10 __asm__("r10") = a4;
+    register long r8 __asm__("r8") = a5;
+    register long r9 __asm__("r9") = a6;
+
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(nr), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+#else
+    long ret = syscall(nr, a1, a2, a3, a4, a5, a6);
+
+    return ret < 0 ? -errno : ret;
+#endif
+}
+
+static inline long sys_bpf(int cmd, void *attr, uint32_t size)
+{
+    return raw_syscall(__NR_bpf, cmd, (long)(uintptr_t)attr, size, 0, 0, 0);
+}
+
+static inline void sys_close(int fd)
+{
+    raw_syscall(SYS_close, fd, 0, 0, 0, 0, 0);
+}
+
+/* The test on the hot paths: `bridge` is in line 0 of the header, read anyway; the work of a
+ * bridged map is out of line, so maps of our own keep their code as it was. */
+#define BRIDGE_SLOW __attribute__((noinline, cold))
+
+static inline int is_syscall_bridge(const struct hybrid_map *m)
+{
+    return m->bridge == HYBRID_BRIDGE_SYSCALL;
+}
+
+static const char *bridge_type_name(uint32_t t)
+{
+    static const char *const names[] = {
+        [BPF_MAP_TYPE_HASH] = "hash", [BPF_MAP_TYPE_ARRAY] = "array", [BPF_MAP_TYPE_PROG_ARRAY] = "prog_array",
+        [BPF_MAP_TYPE_PERF_EVENT_ARRAY] = "perf_event_array", [BPF_MAP_TYPE_PERCPU_HASH] = "percpu_hash",
+        [BPF_MAP_TYPE_PERCPU_ARRAY] = "percpu_array", [BPF_MAP_TYPE_STACK_TRACE] = "stack_trace",
+        [BPF_MAP_TYPE_LRU_HASH] = "lru_hash", [BPF_MAP_TYPE_LRU_PERCPU_HASH] = "lru_percpu_hash",
+        [BPF_MAP_TYPE_LPM_TRIE] = "lpm_trie", [BPF_MAP_TYPE_ARRAY_OF_MAPS] = "array_of_maps",
+        [BPF_MAP_TYPE_HASH_OF_MAPS] = "hash_of_maps", [BPF_MAP_TYPE_QUEUE] = "queue",
+        [BPF_MAP_TYPE_STACK] = "stack", [BPF_MAP_TYPE_RINGBUF] = "ringbuf",
+        [BPF_MAP_TYPE_BLOOM_FILTER] = "bloom_filter",
+    };
+
+    return t < sizeof(names) / sizeof(names[0]) && names[t] ? names[t] : "map of another type";
+}
+
+/* --- the process's fds of kernel maps ----------------------------------------
+ *
+ * id -> fd, opened once per process with BPF_MAP_GET_FD_BY_ID.  An entry is
+ * one 64-bit word (id << 32 | fd) installed with a compare-and-swap, so
+ * readers take no lock; open addressing from a hash of the id, probing
+ * until an empty word.  Released entries become tombstones (reused by
+ * later inserts).  When the table is full an operation opens and closes a
+ * fd of its own (slow, still correct).  A cached fd holds a reference: the
+ * kernel map lives at least as long as this process keeps it cached
+ * (hybrid_bridge_release drops it). */
+#define BRIDGE_FDS 256u
+#define FD_TOMB UINT64_MAX
+
+static uint64_t bridge_fds[BRIDGE_FDS];
+
+static int bridge_open(uint32_t id)
+{
+    struct bpf_id_attr attr;
+
+    memset(&attr, 0, sizeof(attr));
+    attr.id = id;
+    return (int)sys_bpf(CMD_MAP_GET_FD_BY_ID, &attr, sizeof(attr));
+}
+
+static inline uint32_t fd_slot(uint32_t id, uint32_t n)
+{
+    return ((id * 0x9e3779b1u) >> 24) + n;  /* % BRIDGE_FDS by the caller */
+}
+
+/* The fd of kernel map `id`, or -errno; *tmp: close it after use (table full). */
+static int bridge_fd(uint32_t id, int *tmp)
+{
+    uint64_t e, mine;
+    int fd;
+
+    *tmp = 0;
+    for (uint32_t n = 0; n < BRIDGE_FDS; n++) {
+        e = LOAD_ACQ(&bridge_fds[fd_slot(id, n) % BRIDGE_FDS]);
+        if (e == 0)
+            break;
+        if (e != FD_TOMB && (uint32_t)(e >> 32) == id)
+            return (int)(uint32_t)e;
+    }
+    fd = bridge_open(id);
+    if (fd < 0)
+        return fd;
+    mine = (uint64_t)id << 32 | (uint32_t)fd;
+    for (uint32_t n = 0; n < BRIDGE_FDS; n++) {
+        uint64_t *slot = &bridge_fds[fd_slot(id, n) % BRIDGE_FDS];
+
+        e = LOAD_ACQ(slot);
+        while (e == 0 || e == FD_TOMB) {
+            if (__atomic_compare_exchange_n(slot, &e, mine, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                return fd;
+        }
+        if ((uint32_t)(e >> 32) == id) {  /* another thread was first */
+            sys_close(fd);
+            return (int)(uint32_t)e;
+        }
+    }
+    *tmp = 1;
+    return fd;
+}
+
+int hybrid_bridge_release(uint32_t kernel_id)
+{
+    int n = 0;
+
+    if (kernel_id == 0)
+        return -EINVAL;
+    for (uint32_t i = 0; i < BRIDGE_FDS; i++) {
+        uint64_t e = LOAD_ACQ(&bridge_fds[i]);
+
+        if (e != 0 && e != FD_TOMB && (uint32_t)(e >> 32) == kernel_id &&
+            __atomic_compare_exchange_n(&bridge_fds[i], &e, FD_TOMB, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+            sys_close((int)(uint32_t)e);
+            n++;
+        }
+    }
+    return n;
+}
+
+/* One map command on kernel map m->kernel_id.  `value` is the value, or
+ * the next key for GET_NEXT_KEY.  Returns 0 or -errno. */
+static BRIDGE_SLOW long bridge_cmd(const struct hybrid_map *m, int cmd, const void *key, void *value, uint64_t flags)
+{
+    struct bpf_elem_attr attr;
+    int tmp, fd = bridge_fd(m->kernel_id, &tmp);
+    long r;
+
+    if (fd < 0)
+        return fd;
+    memset(&attr, 0, sizeof(attr));
+    attr.map_fd = (uint32_t)fd;
+    attr.key = (uintptr_t)key;
+    attr.value = (uintptr_t)value;
+    attr.flags = flags;
+    r = sys_bpf(cmd, &attr, sizeof(attr));
+    if (tmp)
+        sys_close(fd);
+    return r < 0 ? r : 0;
+}
+
+/* The kernel's number of possible CPUs (the number of values of a per-CPU
+ * map in bpf()), read once when the library is loaded. */
+static uint32_t bridge_ncpus;
+
+static uint32_t read_possible_cpus(void)
+{
+    char buf[256];
+    long fd = raw_syscall(SYS_openat, AT_FDCWD, (long)(uintptr_t)"/sys/devices/system/cpu/possible",
+                          O_RDONLY | O_CLOEXEC, 0, 0, 0);
+    long n;
+    uint32_t top = 0, cur = 0;
+    int digits = 0;
+
+    if (fd < 0)
+        return 0;
+    n = raw_syscall(SYS_read, fd, (long)(uintptr_t)buf, sizeof(buf) - 1, 0, 0, 0);
+    sys_close((int)fd);
+    if (n <= 0)
+        return 0;
+    /* "0-3,8-11": the highest number + 1 */
+    for (long i = 0; i <= n; i++) {
+        char c = i < n ? buf[i] : ',';
+
+        if (c >= '0' && c <= '9') {
+            cur = cur * 10 + (uint32_t)(c - '0');
+            digits = 1;
+        } else {
+            if (digits && cur + 1 > top)
+                top = cur + 1;
+            cur = 0;
+            digits = 0;
+        }
+    }
+    return top;
+}
+
+/* --- per-thread lookup copies --------------------------------------------------
+ *
+ * Each thread gets an arena, mmap()ed on its first lookup of a bridged map
+ * (no malloc: the agent runs programs inside arbitrary code) and recycled
+ * when the thread exits.  It holds the pending list of the current run and
+ * the bytes handed out, bump-allocated and only reset by the flush at the
+ * end of the run: a pointer given out stays valid for the whole run.  The
+ * only thread-local is one pointer, with bit 0 set while lookups are
+ * pending, so that the flush after a run that did none is a load and a
+ * branch. */
+#define BRIDGE_ARENA_SIZE (256u * 1024)
+#define BRIDGE_PENDING 16u
+#define BRIDGE_NO_CPU UINT32_MAX
+#define BRIDGE_CUR_CPU (UINT32_MAX - 1)   /* bridge_lookup: the current CPU's slot */
+
+struct bridge_pending {
+    struct hybrid_map *m;
+    uint32_t key, value, snap;  /* offsets in the arena's data */
+    uint32_t cpu;               /* per-CPU maps: the slot of the copy; else BRIDGE_NO_CPU */
+    uint32_t dead;              /* deleted or replaced by this thread meanwhile: no write-back */
+    uint32_t _pad;
+};
+
+struct bridge_arena {
+    struct bridge_arena *next;  /* every arena of the process (recycling) */
+    uint32_t busy;              /* owned by a live thread */
+    uint32_t npending;
+    uint64_t used;              /* bytes of data handed out in this run */
+    struct bridge_pending pending[BRIDGE_PENDING];
+};
+
+#define ARENA_DATA_OFF round_up(sizeof(struct bridge_arena), CACHELINE)
+#define ARENA_CAP (BRIDGE_ARENA_SIZE - ARENA_DATA_OFF)
+
+HYBRID_TLS uintptr_t hybrid_bridge_tls;   /* this thread's arena | 1 while lookups are pending (maps.h) */
+static struct bridge_arena *all_arenas;
+static pthread_key_t arena_key;
+static int arena_key_ok;
+
+static inline unsigned char *arena_data(struct bridge_arena *a)
+{
+    return (unsigned char *)a + ARENA_DATA_OFF;
+}
+
+static void arena_release(void *p)
+{
+    struct bridge_arena *a = p;
+
+    if ((struct bridge_arena *)(hybrid_bridge_tls & ~(uintptr_t)1) == a)
+        hybrid_bridge_tls = 0;
+    a->npending = 0;  /* a thread that exits in the middle of a run: its writes are dropped */
+    a->used = 0;
+    STORE_REL(&a->busy, 0);
+}
+
+__attribute__((constructor)) static void bridge_init(void)
+{
+    bridge_ncpus = read_possible_cpus();
+    arena_key_ok = pthread_key_create(&arena_key, arena_release) == 0;
+}
+
+static struct bridge_arena *arena_get(void)
+{
+    uintptr_t v = hybrid_bridge_tls;
+    struct bridge_arena *a, *head;
+    long p;
+
+    if (likely(v))
+        return (struct bridge_arena *)(v & ~(uintptr_t)1);
+    for (a = LOAD_ACQ(&all_arenas); a; a = a->next) {
+        uint32_t zero = 0;
+
+        if (LOAD(&a->busy) == 0 &&
+            __atomic_compare_exchange_n(&a->busy, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            goto got;
+    }
+    p = raw_syscall(SYS_mmap, 0, BRIDGE_ARENA_SIZE, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p < 0 && p > -4096)
+        return NULL;
+    a = (struct bridge_arena *)(uintptr_t)p;
+    a->busy = 1;
+    head = LOAD_ACQ(&all_arenas);
+    do {
+        a->next = head;
+    } while (!__atomic_compare_exchange_n(&all_arenas, &head, a, 1, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+got:
+    a->npending = 0;
+    a->used = 0;
+    hybrid_bridge_tls = (uintptr_t)a;
+    if (arena_key_ok)
+        pthread_setspecific(arena_key, a);
+    return a;
+}
+
+void *hybrid_bridge_arena(uint64_t *size)
+{
+    struct bridge_arena *a = (struct bridge_arena *)(hybrid_bridge_tls & ~(uintptr_t)1);
+
+    if (size)
+        *size = a ? ARENA_CAP : 0;
+    return a ? arena_data(a) : NULL;
+}
+
+static inline void bridge_lost(struct hybrid_map *m)
+{
+    __atomic_fetch_add(&m->s.lost, 1, __ATOMIC_RELAXED);
+}
+
+/* Per-CPU maps: the region's CPU count must be the kernel's (bpf() moves one
+ * value per possible CPU); checked when the map is attached, and again here
+ * since the header is shared memory. */
+static inline int pcpu_ok(const struct hybrid_map *m)
+{
+    return likely(m->nr_cpus == bridge_ncpus && m->stride >= m->value_size && m->stride % 8 == 0);
+}
+
+/* bpf_map_lookup_elem / bpf_map_lookup_percpu_elem on a bridged map: a
+ * pointer to this thread's copy of the value (of CPU slot `cpu` for per-CPU
+ * maps, BRIDGE_CUR_CPU: the current one), written back at the end of the run
+ * if the program changed it. */
+static BRIDGE_SLOW void *bridge_lookup(struct hybrid_map *m, const void *key, uint32_t cpu)
+{
+    const int pcpu = is_percpu(m->type);
+    uint32_t ks = m->key_size, vs = m->value_size, stride = m->stride, rk;
+    uint64_t buf, need;
+    struct bridge_arena *a;
+    struct bridge_pending *p;
+    unsigned char *d, *kp, *vp;
+    long r;
+
+    switch (m->type) {
+    case BPF_MAP_TYPE_HASH:
+    case BPF_MAP_TYPE_ARRAY:
+    case BPF_MAP_TYPE_LRU_HASH:
+    case BPF_MAP_TYPE_LPM_TRIE:
+    case BPF_MAP_TYPE_PERCPU_HASH:
+    case BPF_MAP_TYPE_PERCPU_ARRAY:
+    case BPF_MAP_TYPE_LRU_PERCPU_HASH:
+        break;
+    default:
+        return NULL;  /* no lookup for queues, stacks, bloom filters */
+    }
+    if (unlikely(ks == 0 || ks > HYBRID_MAX_KEY_SIZE || vs == 0 || stride < vs || stride > ARENA_CAP))
+        return NULL;
+    if (pcpu) {
+        if (unlikely(!pcpu_ok(m)))
+            return NULL;
+        if (cpu == BRIDGE_CUR_CPU)
+            cpu = cpu_slot(m->nr_cpus);
+        if (unlikely(cpu >= m->nr_cpus))
+            return NULL;
+    } else {
+        cpu = BRIDGE_NO_CPU;
+    }
+    a = arena_get();
+    if (unlikely(!a))
+        goto lost;
+    d = arena_data(a);
+    /* the same element looked up again in this run: the same pointer, as in the kernel */
+    if (hybrid_bridge_tls & 1) {
+        for (uint32_t i = 0; i < a->npending && i < BRIDGE_PENDING; i++) {
+            p = &a->pending[i];
+            if (p->m == m && p->cpu == cpu && !p->dead && p->key + (uint64_t)ks <= ARENA_CAP &&
+                p->value + (uint64_t)stride <= ARENA_CAP && key_eq(d + p->key, key, ks))
+                return d + p->value;
+        }
+    }
+    if (a->npending >= BRIDGE_PENDING)
+        goto lost;
+    rk = (uint32_t)round_up(ks, 8);
+    buf = pcpu ? (uint64_t)m->nr_cpus * stride : stride;  /* what bpf() writes */
+    need = rk + (buf > 2ull * stride ? buf : 2ull * stride);
+    if (a->used > ARENA_CAP || need > ARENA_CAP - a->used)
+        goto lost;
+    kp = d + a->used;
+    vp = kp + rk;
+    memcpy(kp, key, ks);
+    r = bridge_cmd(m, CMD_MAP_LOOKUP_ELEM, kp, vp, 0);
+    if (r == -ENOENT)
+        return NULL;
+    if (r < 0)
+        goto lost;
+    if (pcpu && cpu)
+        memmove(vp, vp + (size_t)cpu * stride, stride);
+    memcpy(vp + stride, vp, vs);  /* the snapshot the flush compares with */
+    p = &a->pending[a->npending];
+    p->m = m;
+    p->key = (uint32_t)(kp - d);
+    p->value = (uint32_t)(vp - d);
+    p->snap = p->value + stride;
+    p->cpu = cpu;
+    p->dead = 0;
+    a->used += rk + 2ull * stride;
+    a->npending++;
+    hybrid_bridge_tls = (uintptr_t)a | 1;
+    return vp;
+lost:
+    bridge_lost(m);
+    return NULL;
+}
+
+/* Writes `value` as CPU slot `cpu` of key's per-CPU value: reads every
+ * CPU's value, replaces one, writes them all (not atomic against other
+ * writers of the key).  A missing key gets zeros on the other CPUs. */
+static long bridge_pcpu_set(struct hybrid_map *m, const void *key, uint32_t cpu, const void *value, uint64_t flags)
+{
+    uint64_t buf = (uint64_t)m->nr_cpus * m->stride;
+    struct bridge_arena *a;
+    unsigned char *s;
+    long r;
+
+    if (!pcpu_ok(m) || cpu >= m->nr_cpus)
+        return -EINVAL;
+    a = arena_get();
+    if (!a)
+        return -ENOMEM;
+    if (a->used > ARENA_CAP || buf > ARENA_CAP - a->used)
+        return -E2BIG;
+    s = arena_data(a) + a->used;  /* scratch after the copies handed out */
+    r = bridge_cmd(m, CMD_MAP_LOOKUP_ELEM, key, s, 0);
+    if (r == -ENOENT) {
+        if (flags == BPF_EXIST)
+            return -ENOENT;
+        memset(s, 0, buf);
+    } else if (r < 0) {
+        return r;
+    }
+    memcpy(s + (size_t)cpu * m->stride, value, m->value_size);
+    return bridge_cmd(m, CMD_MAP_UPDATE_ELEM, key, s, flags);
+}
+
+static inline int updates_in_place(uint32_t t)
+{
+    return t == BPF_MAP_TYPE_ARRAY || t == BPF_MAP_TYPE_PERCPU_ARRAY || t == BPF_MAP_TYPE_PERCPU_HASH ||
+           t == BPF_MAP_TYPE_LRU_PERCPU_HASH;
+}
+
+/* This thread updated (values != NULL) or deleted `key`: its pending copies
+ * follow the kernel.  Arrays and per-CPU values are updated in place there
+ * (a pointer from an earlier lookup sees the new value); hash elements are
+ * replaced or freed (writes through an earlier pointer go nowhere).
+ * `all`: values holds every CPU's value; else it is CPU slot `cpu`'s. */
+static void bridge_note(struct hybrid_map *m, const void *key, const void *values, int all, uint32_t cpu)
+{
+    struct bridge_arena *a;
+    unsigned char *d;
+
+    if (likely(!(hybrid_bridge_tls & 1)))
+        return;
+    a = (struct bridge_arena *)(hybrid_bridge_tls & ~(uintptr_t)1);
+    d = arena_data(a);
+    for (uint32_t i = 0; i < a->npending && i < BRIDGE_PENDING; i++) {
+        struct bridge_pending *p = &a->pending[i];
+        const unsigned char *v;
+
+        if (p->m != m || p->dead || p->key + (uint64_t)m->key_size > ARENA_CAP ||
+            !key_eq(d + p->key, key, m->key_size))
+            continue;
+        if (!values || !updates_in_place(m->type)) {
+            p->dead = 1;
+            continue;
+        }
+        if (p->cpu == BRIDGE_NO_CPU)
+            v = values;
+        else if (all)
+            v = (const unsigned char *)values + (size_t)p->cpu * m->stride;
+        else if (p->cpu == cpu)
+            v = values;
+        else
+            continue;
+        if (p->value + (uint64_t)m->stride > ARENA_CAP || p->snap + (uint64_t)m->value_size > ARENA_CAP)
+            continue;
+        memcpy(d + p->value, v, m->value_size);
+        memcpy(d + p->snap, v, m->value_size);
+    }
+}
+
+static void bridge_flush_slow(struct bridge_arena *a)
+{
+    unsigned char *d = arena_data(a);
+    uint32_t n = a->npending < BRIDGE_PENDING ? a->npending : BRIDGE_PENDING;
+
+    for (uint32_t i = 0; i < n; i++) {
+        struct bridge_pending *p = &a->pending[i];
+        struct hybrid_map *m = p->m;
+        uint32_t vs;
+        long r;
+
+        if (p->dead || !m)
+            continue;
+        vs = m->value_size;
+        if (p->key + (uint64_t)m->key_size > ARENA_CAP || p->value + (uint64_t)vs > ARENA_CAP ||
+            p->snap + (uint64_t)vs > ARENA_CAP)
+            continue;
+        if (memcmp(d + p->value, d + p->snap, vs) == 0)
+            continue;
+        /* BPF_EXIST: an element deleted meanwhile stays deleted (the write is dropped, as
+         * a program's write to a freed element is in the kernel) */
+        if (p->cpu == BRIDGE_NO_CPU)
+            r = bridge_cmd(m, CMD_MAP_UPDATE_ELEM, d + p->key, d + p->value, BPF_EXIST);
+        else
+            r = bridge_pcpu_set(m, d + p->key, p->cpu, d + p->value, BPF_EXIST);
+        if (r < 0 && r != -ENOENT)
+            bridge_lost(m);
+    }
+    a->npending = 0;
+    a->used = 0;
+    hybrid_bridge_tls = (uintptr_t)a;
+}
+
+void hybrid_bridge_flush(void)
+{
+    uintptr_t v = hybrid_bridge_tls;
+
+    if (likely(!(v & 1)))
+        return;
+    bridge_flush_slow((struct bridge_arena *)(v & ~(uintptr_t)1));
+}
+
+/* --- operations on syscall-mode maps ---------------------------------------- */
+
+static inline const void *bridge_key(const struct hybrid_map *m, const void *key)
+{
+    return m->key_size ? key : NULL;  /* queue, stack, bloom filter: no key */
+}
+
+static BRIDGE_SLOW long bridge_lookup_copy(struct hybrid_map *m, const void *key, void *value)
+{
+    if (m->type == BPF_MAP_TYPE_BLOOM_FILTER)
+        return -EINVAL;  /* as for our own bloom filters: peek tests a value */
+    if (is_percpu(m->type) && !pcpu_ok(m))
+        return -EINVAL;
+    return bridge_cmd(m, CMD_MAP_LOOKUP_ELEM, bridge_key(m, key), value, 0);  /* queue, stack: peek */
+}
+
+static BRIDGE_SLOW long bridge_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags,
+                                      int all_cpus)
+{
+    long r;
+
+    if (m->type == BPF_MAP_TYPE_QUEUE || m->type == BPF_MAP_TYPE_STACK || m->type == BPF_MAP_TYPE_BLOOM_FILTER)
+        return hybrid_map_push(m, value, flags);
+    if (is_percpu(m->type) && !all_cpus) {  /* a program's update: the current CPU's value only */
+        uint32_t cpu = pcpu_ok(m) ? cpu_slot(m->nr_cpus) : 0;
+
+        r = bridge_pcpu_set(m, key, cpu, value, flags);
+        if (r == 0)
+            bridge_note(m, key, value, 0, cpu);
+        return r;
+    }
+    if (is_percpu(m->type) && !pcpu_ok(m))
+        return -EINVAL;
+    r = bridge_cmd(m, CMD_MAP_UPDATE_ELEM, key, (void *)value, flags);
+    if (r == 0)
+        bridge_note(m, key, value, all_cpus, BRIDGE_NO_CPU);
+    return r;
+}
+
+static BRIDGE_SLOW long bridge_delete(struct hybrid_map *m, const void *key)
+{
+    long r = bridge_cmd(m, CMD_MAP_DELETE_ELEM, bridge_key(m, key), NULL, 0);
+
+    if (r == 0)
+        bridge_note(m, key, NULL, 0, BRIDGE_NO_CPU);
+    return r;
+}
+
+/* Counted by iterating the keys (a system call per key; a snapshot only
+ * when nothing changes meanwhile).  Queues, stacks and bloom filters: 0 (the
+ * kernel does not say how many values they hold). */
+static BRIDGE_SLOW uint64_t bridge_count(const struct hybrid_map *m)
+{
+    unsigned char k[2][HYBRID_MAX_KEY_SIZE];
+    uint64_t n = 0, limit;
+    int cur = 0;
+
+    if (m->type == BPF_MAP_TYPE_ARRAY || m->type == BPF_MAP_TYPE_PERCPU_ARRAY)
+        return m->max_entries;
+    if (!is_hash(m->type) || m->key_size == 0 || m->key_size > HYBRID_MAX_KEY_SIZE)
+        return 0;
+    limit = 2ull * m->max_entries + 16;  /* a key deleted under the walk restarts it */
+    if (bridge_cmd(m, CMD_MAP_GET_NEXT_KEY, NULL, k[cur], 0) != 0)
+        return 0;
+    for (n = 1; n < limit; n++) {
+        if (bridge_cmd(m, CMD_MAP_GET_NEXT_KEY, k[cur], k[cur ^ 1], 0) != 0)
+            break;
+        cur ^= 1;
+    }
+    return n < m->max_entries ? n : m->max_entries;
+}
+
+/* --- attaching: every process that maps a region ------------------------------- */
+
+#define BERR(...) do { if (err && errlen) snprintf(err, errlen, __VA_ARGS__); } while (0)
+
+int hybrid_map_attach_bridge(struct hybrid_map *m, char *err, size_t errlen)
+{
+    struct bpf_map_info_v info;
+    struct bpf_info_attr attr;
+    uint32_t id = m->kernel_id;
+    int fd, tmp;
+    long r;
+
+    if (err && errlen)
+        err[0] = 0;
+    if (m->bridge == HYBRID_BRIDGE_NONE)
+        return 0;
+    if (m->bridge > HYBRID_BRIDGE_SYSCALL || id == 0) {
+        BERR("corrupt bridge (mode %u, kernel map id %u)", m->bridge, id);
+        return -EINVAL;
+    }
+    fd = bridge_open(id);
+    if (fd < 0) {
+        if (fd == -ENOENT)
+            BERR("kernel map id %u does not exist", id);
+        else if (fd == -EPERM || fd == -EACCES)
+            BERR("no permission to open kernel map id %u (BPF_MAP_GET_FD_BY_ID needs CAP_SYS_ADMIN)", id);
+        else
+            BERR("cannot open kernel map id %u: %s", id, strerror(-fd));
+        return fd;
+    }
+    memset(&info, 0, sizeof(info));
+    memset(&attr, 0, sizeof(attr));
+    attr.bpf_fd = (uint32_t)fd;
+    attr.info_len = sizeof(info);
+    attr.info = (uintptr_t)&info;
+    r = sys_bpf(CMD_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr));
+    if (r < 0) {
+        BERR("cannot read the attributes of kernel map id %u: %s", id, strerror((int)-r));
+        goto fail;
+    }
+    r = -EINVAL;
+    if (info.type != m->type) {
+        BERR("kernel map id %u is of type %s, this map is of type %s", id, bridge_type_name(info.type),
+             bridge_type_name(m->type));
+        goto fail;
+    }
+    if (info.key_size != m->key_size || info.value_size != m->value_size || info.max_entries != m->max_entries) {
+        BERR("kernel map id %u has key_size %u, value_size %u, max_entries %u; this map has %u, %u, %u", id,
+             info.key_size, info.value_size, info.max_entries, m->key_size, m->value_size, m->max_entries);
+        goto fail;
+    }
+    if (m->bridge == HYBRID_BRIDGE_MMAP) {
+        uint64_t len = round_up((uint64_t)m->max_entries * m->stride, HYBRID_PAGE);
+        char *at = (char *)m + m->off_a;
+        void *p;
+
+        if (!(info.map_flags & BPF_F_MMAPABLE)) {
+            BERR("kernel map id %u is not BPF_F_MMAPABLE (mmap mode needs it; use the syscall mode)", id);
+            goto fail;
+        }
+        if (m->off_a != HYBRID_PAGE || (uintptr_t)at % HYBRID_PAGE || m->size < m->off_a + len) {
+            BERR("corrupt layout for an mmap bridge");
+            goto fail;
+        }
+        p = mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+        if (p == MAP_FAILED && (errno == EPERM || errno == EACCES)) {
+            /* A frozen map (libbpf freezes .rodata after load) or one programs may only read can only
+             * be mapped read-only.  Map it so, and make writes from this side fail with EPERM (the
+             * kernel's answer to an update of a frozen map) instead of faulting: the flag is the
+             * same in every process, since freezing is a property of the kernel map. */
+            p = mmap(at, len, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0);
+            if (p != MAP_FAILED)
+                __atomic_or_fetch(&m->map_flags, BPF_F_RDONLY, __ATOMIC_RELAXED);
+            else
+                errno = EPERM;
+        }
+        if (p == MAP_FAILED) {
+            r = -errno;
+            BERR("cannot mmap kernel map id %u: %s%s", id, strerror((int)-r),
+                 r == -EPERM || r == -EACCES ? " (frozen or read-only maps cannot be mapped writable)" : "");
+            goto fail;
+        }
+        sys_close(fd);
+        return 0;
+    }
+    if (is_percpu(m->type) && m->nr_cpus != bridge_ncpus) {
+        BERR("the region has %u CPU slots, the kernel %u possible CPUs", m->nr_cpus, bridge_ncpus);
+        goto fail;
+    }
+    sys_close(fd);
+    fd = bridge_fd(id, &tmp);  /* cache this process's fd now: no open on a program's path */
+    if (fd >= 0 && tmp)
+        sys_close(fd);
+    return 0;
+fail:
+    sys_close(fd);
+    return (int)r;
+}
+
+int hybrid_region_attach_bridges(void *base, uint64_t size, char *err, size_t errlen)
+{
+    const struct hybrid_region *r = base;
+    uint64_t magic, want;
+    int64_t n;
+    int attached = 0;
+
+    if (err && errlen)
+        err[0] = 0;
+    if (size < sizeof(*r))
+        return 0;
+    memcpy(&want, HYBRID_REGION_MAGIC, 8);
+    magic = __atomic_load_n((const uint64_t *)r->magic, __ATOMIC_ACQUIRE);
+    if (magic != want)
+        return 0;  /* not (yet) a region: it has no bridges */
+    n = hybrid_region_check(base, size);
+    if (n < 0) {
+        BERR(n == -EPROTO ? "region layout version %u, this library has %u" : "corrupt region (%u/%u)",
+             r->version, (unsigned)HYBRID_LAYOUT_VERSION);
+        return (int)n;
+    }
+    for (uint32_t i = 0; i < (uint32_t)n; i++) {
+        struct hybrid_map *m = hybrid_region_map(base, i);
+        char msg[256];
+        int rc;
+
+        if (m->bridge == HYBRID_BRIDGE_NONE)
+            continue;
+        rc = hybrid_map_attach_bridge(m, msg, sizeof(msg));
+        if (rc < 0) {
+            BERR("map '%.63s': %s", m->name, msg);
+            return rc;
+        }
+        attached++;
+    }
+    return attached;
+}
+
 uint64_t hybrid_map_count(const struct hybrid_map *m)
 {
+    if (unlikely(is_syscall_bridge(m)))
+        return bridge_count(m);
     if (is_hash(m->type))
         return LOAD(&m->a.count);
     if (m->type == BPF_MAP_TYPE_QUEUE || m->type == BPF_MAP_TYPE_STACK) {
@@ -1379,6 +2288,8 @@ uint32_t hybrid_current_cpu(void)
 
 void *hybrid_map_lookup(struct hybrid_map *m, const void *key)
 {
+    if (unlikely(is_syscall_bridge(m)))
+        return bridge_lookup(m, key, BRIDGE_CUR_CPU);
     switch (m->type) {
     case BPF_MAP_TYPE_ARRAY: {
         uint32_t i = key_u32(key);
@@ -1440,6 +2351,8 @@ void *hybrid_map_lookup_cpu(struct hybrid_map *m, const void *key, uint32_t cpu)
 
     if (cpu >= m->nr_cpus)
         return NULL;
+    if (unlikely(is_syscall_bridge(m)))
+        return is_percpu(m->type) ? bridge_lookup(m, key, cpu) : NULL;
     switch (m->type) {
     case BPF_MAP_TYPE_PERCPU_ARRAY: {
         uint32_t i = key_u32(key);
@@ -1461,6 +2374,8 @@ void *hybrid_map_lookup_cpu(struct hybrid_map *m, const void *key, uint32_t cpu)
 
 long hybrid_map_lookup_copy(struct hybrid_map *m, const void *key, void *value)
 {
+    if (unlikely(is_syscall_bridge(m)))
+        return bridge_lookup_copy(m, key, value);
     switch (m->type) {
     case BPF_MAP_TYPE_ARRAY: {
         uint32_t i = key_u32(key);
@@ -1548,6 +2463,8 @@ static long fd_array_update(struct hybrid_map *m, const void *key, const void *v
 
 static long map_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags, int all_cpus)
 {
+    if (unlikely(is_syscall_bridge(m)))
+        return bridge_update(m, key, value, flags, all_cpus);
     switch (m->type) {
     case BPF_MAP_TYPE_ARRAY:
     case BPF_MAP_TYPE_PERCPU_ARRAY: {
@@ -1559,6 +2476,8 @@ static long map_update(struct hybrid_map *m, const void *key, const void *value,
             return -E2BIG;
         if (unlikely(flags == BPF_NOEXIST))
             return -EEXIST;
+        if (unlikely(m->map_flags & BPF_F_RDONLY))  /* an mmap bridge mapped read-only: a frozen kernel map */
+            return -EPERM;
         if (m->type == BPF_MAP_TYPE_ARRAY) {
             memcpy(array_slot(m, i), value, m->value_size);
         } else if (all_cpus) {
@@ -1628,6 +2547,8 @@ long hybrid_map_update_all_cpus(struct hybrid_map *m, const void *key, const voi
 
 long hybrid_map_delete(struct hybrid_map *m, const void *key)
 {
+    if (unlikely(is_syscall_bridge(m)))
+        return bridge_delete(m, key);
     switch (m->type) {
     case BPF_MAP_TYPE_ARRAY:
     case BPF_MAP_TYPE_PERCPU_ARRAY:
@@ -1661,6 +2582,8 @@ long hybrid_map_delete(struct hybrid_map *m, const void *key)
 
 int hybrid_map_next_key(struct hybrid_map *m, const void *key, void *next_key)
 {
+    if (unlikely(is_syscall_bridge(m)))
+        return (int)bridge_cmd(m, CMD_MAP_GET_NEXT_KEY, m->key_size ? key : NULL, next_key, 0);
     if (is_array(m->type))
         return array_next_key(m, key, next_key);
     switch (m->type) {
@@ -1683,9 +2606,15 @@ long hybrid_map_push(struct hybrid_map *m, const void *value, uint64_t flags)
     switch (m->type) {
     case BPF_MAP_TYPE_QUEUE:
     case BPF_MAP_TYPE_STACK:
+        if (unlikely(is_syscall_bridge(m)))
+            return bridge_cmd(m, CMD_MAP_UPDATE_ELEM, NULL, (void *)value, flags);
         return qs_push(m, value, flags);
     case BPF_MAP_TYPE_BLOOM_FILTER:
-        return flags != BPF_ANY ? -EINVAL : bloom_op(m, value, 1);
+        if (flags != BPF_ANY)
+            return -EINVAL;
+        if (unlikely(is_syscall_bridge(m)))
+            return bridge_cmd(m, CMD_MAP_UPDATE_ELEM, NULL, (void *)value, flags);
+        return bloom_op(m, value, 1);
     default:
         return -EINVAL;
     }
@@ -1696,6 +2625,8 @@ long hybrid_map_pop(struct hybrid_map *m, void *value)
     switch (m->type) {
     case BPF_MAP_TYPE_QUEUE:
     case BPF_MAP_TYPE_STACK:
+        if (unlikely(is_syscall_bridge(m)))
+            return bridge_cmd(m, CMD_MAP_LOOKUP_AND_DELETE_ELEM, NULL, value, 0);
         return qs_pop(m, value, 1);
     case BPF_MAP_TYPE_BLOOM_FILTER:
         return -EOPNOTSUPP;
@@ -1709,9 +2640,10 @@ long hybrid_map_peek(struct hybrid_map *m, void *value)
     switch (m->type) {
     case BPF_MAP_TYPE_QUEUE:
     case BPF_MAP_TYPE_STACK:
-        return qs_pop(m, value, 0);
     case BPF_MAP_TYPE_BLOOM_FILTER:
-        return bloom_op(m, value, 0);
+        if (unlikely(is_syscall_bridge(m)))
+            return bridge_cmd(m, CMD_MAP_LOOKUP_ELEM, NULL, value, 0);
+        return m->type == BPF_MAP_TYPE_BLOOM_FILTER ? bloom_op(m, value, 0) : qs_pop(m, value, 0);
     default:
         return -EINVAL;
     }
@@ -1847,6 +2779,8 @@ int64_t hybrid_test_count(struct hybrid_map *m, uint32_t nkeys, uint64_t iters, 
             }
         }
         __atomic_fetch_add(v, 1, __ATOMIC_RELAXED);
+        if (unlikely(is_syscall_bridge(m)))
+            hybrid_bridge_flush();  /* each iteration is a run: the copy's write goes back */
     }
     return errors;
 }
@@ -1900,6 +2834,8 @@ int64_t hybrid_test_churn(struct hybrid_map *m, uint32_t key_base, uint32_t nkey
             uint64_t *v = hybrid_map_lookup(m, &k);
 
             bad += present[i] ? (v == NULL || v[0] != k) : v != NULL;
+            if (unlikely(is_syscall_bridge(m)))
+                hybrid_bridge_flush();
         }
         }
     }
@@ -1950,6 +2886,7 @@ double hybrid_bench_ns(struct hybrid_map *m, int op, const void *key, const void
     uint64_t (*volatile helper)(uint64_t, uint64_t, uint64_t, uint64_t, uint64_t) = hybrid_helper_map_lookup_elem;
     unsigned char buf[4096];
     uint64_t sink = 0, size = 0;
+    const int bridged = is_syscall_bridge(m);
     double t0;
 
     if (op == 4 || op == 5 || op == 6) {
@@ -2006,6 +2943,8 @@ double hybrid_bench_ns(struct hybrid_map *m, int op, const void *key, const void
         default:
             return -1;
         }
+        if (unlikely(bridged))
+            hybrid_bridge_flush();  /* bridged maps: each iteration is a run */
     }
     __asm__ __volatile__("" ::"r"(sink));
     return (now_ns() - t0) / (double)(iters ? iters : 1);

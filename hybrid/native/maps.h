@@ -21,6 +21,7 @@
 #ifndef HYBRID_MAPS_H
 #define HYBRID_MAPS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* cdef-begin */
@@ -30,6 +31,7 @@ struct hybrid_map;
 struct hybrid_map_desc {
     uint32_t type, key_size, value_size, max_entries, map_flags, nr_cpus, id;
     uint32_t inner_type, inner_key_size, inner_value_size, inner_max_entries, inner_flags;
+    uint32_t kernel_id, bridge;   /* bridged maps: the kernel map's id; 1 mmap, 2 syscall (0: not bridged) */
     uint64_t map_extra, size, self_off;
     char name[64];
 };
@@ -47,15 +49,22 @@ uint32_t hybrid_region_nr_cpus(const void *base);
 
 /* --- maps: creation ------------------------------------------------------- */
 int64_t hybrid_map_size(uint32_t type, uint32_t key_size, uint32_t value_size, uint32_t max_entries,
-                        uint32_t map_flags, uint64_t map_extra, uint32_t nr_cpus);
+                        uint32_t map_flags, uint64_t map_extra, uint32_t nr_cpus, uint32_t bridge);
 int hybrid_map_init(void *at, uint64_t self_off, uint32_t type, uint32_t key_size, uint32_t value_size,
                     uint32_t max_entries, uint32_t map_flags, uint64_t map_extra, uint32_t nr_cpus,
-                    uint32_t id, const char *name);
+                    uint32_t id, const char *name, uint32_t bridge, uint32_t kernel_id);
 int hybrid_map_set_inner(struct hybrid_map *m, uint32_t type, uint32_t key_size, uint32_t value_size,
                          uint32_t max_entries, uint32_t map_flags);
 int hybrid_map_describe(const struct hybrid_map *m, struct hybrid_map_desc *out);
 uint64_t hybrid_map_count(const struct hybrid_map *m);
 uint64_t hybrid_map_lost(struct hybrid_map *m, int reset);
+
+/* --- bridges: maps backed by a kernel map (maps.c) ------------------------- */
+int hybrid_map_attach_bridge(struct hybrid_map *m, char *err, size_t errlen);
+int hybrid_region_attach_bridges(void *base, uint64_t size, char *err, size_t errlen);   /* maps attached or -errno */
+void hybrid_bridge_flush(void);                       /* after every program run */
+int hybrid_bridge_release(uint32_t kernel_id);        /* closes this process's cached fd of the kernel map */
+void *hybrid_bridge_arena(uint64_t *size);            /* the calling thread's lookup copies (NULL: none yet) */
 
 /* --- maps: operations (program semantics unless said otherwise) ----------- */
 void *hybrid_map_lookup(struct hybrid_map *m, const void *key);
@@ -114,5 +123,16 @@ int64_t hybrid_test_ring_produce(struct hybrid_map *m, uint32_t producer, uint64
                                  uint64_t flags);
 double hybrid_bench_ns(struct hybrid_map *m, int op, const void *key, const void *value, uint64_t iters);
 /* cdef-end */
+
+/* hybrid_bridge_flush's test, inlined where programs run on every probe hit (agent.c): one TLS
+ * load and a branch when the run made no lookup of a syscall-mode bridged map.  The thread-local
+ * is maps.c's: this thread's copy arena | 1 while lookups are pending. */
+extern __thread uintptr_t hybrid_bridge_tls __attribute__((tls_model("initial-exec"), visibility("hidden")));
+
+static inline void hybrid_bridge_flush_fast(void)
+{
+    if (__builtin_expect(hybrid_bridge_tls & 1, 0))
+        hybrid_bridge_flush();
+}
 
 #endif /* HYBRID_MAPS_H */

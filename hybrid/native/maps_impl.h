@@ -103,7 +103,7 @@ enum {
 
 #define HYBRID_MAP_MAGIC "HYBRIDMP"
 #define HYBRID_REGION_MAGIC "HYBRIDRG"
-#define HYBRID_LAYOUT_VERSION 1
+#define HYBRID_LAYOUT_VERSION 2         /* 2: bridge, kernel_id (maps backed by kernel maps) */
 #define HYBRID_RING_MAGIC 0x52494e47u /* "RING" */
 
 #define HYBRID_MAX_KEY_SIZE 512          /* MAX_BPF_STACK: keys live on the program stack */
@@ -117,6 +117,13 @@ enum {
 
 #define CACHELINE 64
 
+/* Maps backed by a kernel map (maps.c, "bridges"): header field `bridge`. */
+enum {
+    HYBRID_BRIDGE_NONE = 0,
+    HYBRID_BRIDGE_MMAP = 1,      /* ARRAY whose storage is the kernel map's mmap()ed values */
+    HYBRID_BRIDGE_SYSCALL = 2,   /* no storage: every operation is a bpf() map command */
+};
+
 /*
  * The map header.  The first two cache lines are written once by
  * hybrid_map_init and only read afterwards; the mutable counters each
@@ -126,7 +133,8 @@ enum {
 struct hybrid_map {
     /* line 0: everything the hot paths read */
     char magic[8];
-    uint64_t off_a;          /* offsets relative to this header; meaning per type (maps.c) */
+    uint32_t off_a;          /* offsets relative to this header; meaning per type (maps.c); off_a < 2 pages */
+    uint32_t bridge;         /* HYBRID_BRIDGE_*: 0 for a map in this region's memory (maps.c, bridges) */
     uint64_t off_b;
     uint64_t off_c;
     uint64_t plane;          /* per-CPU value plane size in bytes */
@@ -141,7 +149,8 @@ struct hybrid_map {
     uint64_t seed;
     uint64_t self_off, size, map_extra;
     uint32_t version, id, map_flags, key_words;
-    uint32_t inner_type, inner_key_size, inner_value_size, inner_max_entries, inner_flags, _pad0;
+    uint32_t inner_type, inner_key_size, inner_value_size, inner_max_entries, inner_flags;
+    uint32_t kernel_id;      /* bridged maps: the kernel map's id (BPF_MAP_GET_FD_BY_ID) */
     char name[64];           /* NUL-terminated */
     /* mutable: allocation state (hash freelist, element count, queue) */
     struct {

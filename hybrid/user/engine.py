@@ -5,6 +5,11 @@ calling convention of the kernel and of the conformance suite: ``r1`` points
 at the context (the input memory), ``r2`` holds its length, the result is
 ``r0`` as an unsigned 64-bit integer.  Native engines (JIT, AOT) expose the
 entry point as a C function ``uint64_t fn(void *ctx, uint64_t len)``.
+
+After every run, every engine calls ``hybrid_bridge_flush()`` once this
+process has maps backed by kernel maps in syscall mode
+(:func:`enable_bridge_flush`): a program's writes through its lookups of
+those maps reach the kernel at the end of the run (``hybrid/native/maps.c``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,21 @@ from hybrid.user.program import Program
 NativeEntry = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64)
 
 Ctx = bytes | bytearray | memoryview | None
+
+# hybrid_bridge_flush of hybrid._native, once a syscall-mode bridged map exists in this process
+_bridge_flush = None
+
+
+def enable_bridge_flush(flush) -> None:
+    """Call ``flush()`` after every run from now on (set by :mod:`hybrid.user.maps`)."""
+    global _bridge_flush
+    _bridge_flush = flush
+
+
+def bridge_flush() -> None:
+    """Write back the calling thread's pending lookups of syscall-mode bridged maps (a no-op without any)."""
+    if _bridge_flush is not None:
+        _bridge_flush()
 
 
 @runtime_checkable
@@ -74,7 +94,10 @@ class NativeEngine(EngineBase):
     def run_ptr(self, addr: int, size: int) -> int:
         if self._fn is None:
             raise EngineError("%s engine for %r is closed" % (self.name, self.program.name))
-        return self._fn(addr, size)
+        result = self._fn(addr, size)
+        if _bridge_flush is not None:
+            _bridge_flush()
+        return result
 
 
 ENGINES = {

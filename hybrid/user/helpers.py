@@ -178,10 +178,26 @@ def _check_write(mem: Memory, addr: int, size: int) -> None:
         check(addr, size, True)
 
 
+def _allow_bridge_copy(mem: Memory, m, value: int) -> int:
+    """A lookup of a syscall-mode bridged map returns a pointer into the thread's copy arena, not
+    into the region: let the interpreter's Memory reach that arena (the copies of this run)."""
+    if value and m.spec.bridge == "syscall":
+        check, add = getattr(mem, "check", None), getattr(mem, "add", None)
+        if check is not None and add is not None:
+            try:
+                check(value, m.value_size, True)
+            except Exception:  # noqa: BLE001 - this thread's arena is not registered yet
+                lib = _native_maps().lib
+                size = _native_maps().ffi.new("uint64_t *")
+                start = _addr(lib.hybrid_bridge_arena(size))
+                add(start, int(size[0]), "copies of bridged map values (this thread)")
+    return value
+
+
 def _h_lookup(mem, r1, r2, *_):
     m = _map_arg(mem, r1, "map_lookup_elem")
     key = mem.read(r2, m.key_size) if m.key_size else b""
-    return _addr(_native_maps().lib.hybrid_map_lookup(m._p(), key))
+    return _allow_bridge_copy(mem, m, _addr(_native_maps().lib.hybrid_map_lookup(m._p(), key)))
 
 
 def _h_update(mem, r1, r2, r3, r4, *_):
@@ -253,7 +269,8 @@ def _h_ringbuf_query(mem, r1, r2, *_):
 def _h_lookup_percpu(mem, r1, r2, r3, *_):
     m = _map_arg(mem, r1, "map_lookup_percpu_elem")
     key = mem.read(r2, m.key_size)
-    return _addr(_native_maps().lib.hybrid_map_lookup_cpu(m._p(), key, r3 & 0xFFFFFFFF))
+    value = _addr(_native_maps().lib.hybrid_map_lookup_cpu(m._p(), key, r3 & 0xFFFFFFFF))
+    return _allow_bridge_copy(mem, m, value)
 
 
 # The map helpers (kernel ids); native symbols hybrid_helper_<name> in maps.c / ring.c.

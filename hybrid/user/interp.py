@@ -16,6 +16,7 @@ from typing import Callable
 
 from hybrid.errors import VmError
 from hybrid.user import isa
+from hybrid.user import engine as _engine
 from hybrid.user.engine import EngineBase
 from hybrid.user.helpers import TAIL_CALL
 from hybrid.user.isa import OPS, Insn, Kind
@@ -184,6 +185,8 @@ class Interpreter(EngineBase):
                 return done.value
         finally:
             self.memory.remove(addr) if size else None
+            if _engine._bridge_flush is not None:  # writes through lookups of syscall-mode bridged maps
+                _engine._bridge_flush()
 
     def call_function(self, address: int, *args: int) -> int:
         """Call the subprogram whose code address (from ``lddw`` of a function) is ``address``.

@@ -18,6 +18,12 @@ the value out (a consistent snapshot for hash maps), ``update`` takes
 ``BPF_ANY``/``BPF_NOEXIST``/``BPF_EXIST``, iteration follows
 ``BPF_MAP_GET_NEXT_KEY``.  Per-CPU maps take and return one value per
 *possible* CPU.
+
+A map can be backed by a kernel map (``MapSpec.bridge`` "mmap" or
+"syscall", ``MapSpec.kernel_id``): the same classes and calls then show
+and change the kernel map's contents (semantics in ``hybrid/native/maps.c``).
+Every process that maps the region attaches the bridges (mmap overlays,
+fds); :attr:`Map.bridge` and :attr:`Map.kernel_id` say which map is one.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Callable, ClassVar, Iterator, Sequence
 from hybrid.closable import Closable
 from hybrid.errors import MapError
 from hybrid.native import _native
-from hybrid.user.mapspec import MapSpec, map_type_name  # noqa: F401 - MapSpec is part of this API
+from hybrid.user.mapspec import BRIDGE_MODES, BRIDGE_NAMES, MapSpec, map_type_name  # noqa: F401 - MapSpec is API
 
 _mod = _native()
 ffi, lib = _mod.ffi, _mod.lib
@@ -138,6 +144,49 @@ _counter = itertools.count()
 _regions: dict[int, "Region"] = {}  # base address -> open region of this process
 _maps_by_address: dict[int, "Map"] = {}
 _registry_lock = threading.Lock()
+_bridge_fd_users: dict[int, int] = {}  # kernel map id -> open regions of this process bridging it (syscall mode)
+
+
+def _bridge_attach(maps: list) -> list[int]:
+    """Attach the bridged maps of a region just mapped here; returns the syscall-mode kernel ids.
+
+    On a failure the fds cached so far are released and MapError names the map; the caller
+    unmaps the region (which removes the mmap overlays).
+    """
+    ids: list[int] = []
+    err = ffi.new("char[512]")
+    try:
+        for spec, ptr in maps:
+            if not spec.bridge:
+                continue
+            rc = lib.hybrid_map_attach_bridge(ptr, err, len(err))
+            if rc < 0:
+                op = "(%s) %s bridge to kernel map %d" % (_type_name(spec.type), spec.bridge, spec.kernel_id)
+                raise MapError(-rc, spec.name, op, ffi.string(err).decode(errors="replace") or None)
+            if spec.bridge == "syscall":
+                ids.append(spec.kernel_id)
+                with _registry_lock:
+                    _bridge_fd_users[spec.kernel_id] = _bridge_fd_users.get(spec.kernel_id, 0) + 1
+    except BaseException:
+        _bridge_detach(ids)
+        raise
+    if ids:
+        from hybrid.user import engine
+
+        engine.enable_bridge_flush(lib.hybrid_bridge_flush)
+    return ids
+
+
+def _bridge_detach(ids: Sequence[int]) -> None:
+    """A region is gone: close this process's fds of kernel maps no other open region bridges."""
+    for kid in ids:
+        with _registry_lock:
+            n = _bridge_fd_users.get(kid, 0) - 1
+            if n > 0:
+                _bridge_fd_users[kid] = n
+                continue
+            _bridge_fd_users.pop(kid, None)
+        lib.hybrid_bridge_release(kid)
 
 
 def map_at(address: int) -> "Map | None":
@@ -190,16 +239,19 @@ class Region(Closable):
         offsets, total = self._layout(specs, self.nr_cpus)
         self.owner = True
         self._pid = os.getpid()
+        self._bridge_ids: list[int] = []
         self.name, self.path, self._fd = self._create_file(name, memfd, total)
         unlink = not keep and not memfd
         try:
-            self._map(total)
+            # the pages under mmap overlays are never used: do not populate them in the file
+            self._map(total, populate=not any(s.bridge == "mmap" for s in specs))
             lib.hybrid_region_init(self._base, total, len(specs), self.nr_cpus)
             maps = []
             for i, (spec, off) in enumerate(zip(specs, offsets)):
                 ptr = ffi.cast("char *", self._base) + off
                 rc = lib.hybrid_map_init(ptr, off, spec.type, spec.key_size, spec.value_size, spec.max_entries,
-                                         spec.flags, spec.map_extra, self.nr_cpus, i + 1, spec.name.encode())
+                                         spec.flags, spec.map_extra, self.nr_cpus, i + 1, spec.name.encode(),
+                                         BRIDGE_MODES[spec.bridge], spec.kernel_id)
                 if rc:
                     raise MapError(-rc, spec.name, "(%s) create" % _type_name(spec.type), _create_detail(spec, -rc))
                 mp = ffi.cast("struct hybrid_map *", ptr)
@@ -216,6 +268,7 @@ class Region(Closable):
                 lib.hybrid_region_set_map(self._base, i, off)
                 maps.append((spec, mp))
             lib.hybrid_region_publish(self._base)
+            self._bridge_ids = _bridge_attach(maps)
         except BaseException:
             self._teardown(unlink=True)
             raise
@@ -232,7 +285,7 @@ class Region(Closable):
         """Initial contents from the object: global data values, map-in-map slots (``.values``)."""
         for spec, m in zip(specs, self._maps):
             initial = getattr(spec, "initial", None)
-            if initial is not None:
+            if initial is not None and not spec.bridge:  # a kernel map has its contents already
                 m.update(b"\0\0\0\0", initial)
             for i, inner in enumerate(getattr(spec, "values", ()) or ()):
                 if isinstance(inner, MapSpec) and isinstance(m, MapOfMaps):
@@ -244,10 +297,11 @@ class Region(Closable):
         offsets = []
         for spec in specs:
             size = lib.hybrid_map_size(spec.type, spec.key_size, spec.value_size, spec.max_entries,
-                                       spec.flags, spec.map_extra, nr_cpus)
+                                       spec.flags, spec.map_extra, nr_cpus, BRIDGE_MODES[spec.bridge])
             if size < 0:
                 raise MapError(-size, spec.name, "(%s) create" % _type_name(spec.type), _create_detail(spec, -size))
-            align = PAGE if spec.type in _RING_TYPES else 64
+            # rings, and mmap bridges (their storage, the next page, is the kernel map's pages)
+            align = PAGE if spec.type in _RING_TYPES or spec.bridge == "mmap" else 64
             off = (off + align - 1) // align * align
             offsets.append(off)
             off += size
@@ -298,6 +352,7 @@ class Region(Closable):
             raise MapError(e.errno or E.EIO, None, "open region %s" % path, e.strerror) from None
         self.owner, self._pid, self._fd, self._unlink = False, os.getpid(), fd, False
         self.name, self.path = name_or_path, path
+        self._bridge_ids = []
         try:
             total = os.fstat(fd).st_size
             self._map(total)
@@ -315,6 +370,7 @@ class Region(Closable):
                 if lib.hybrid_map_describe(mp, desc):
                     raise MapError(E.EINVAL, None, "open region %s" % path, "map %d is corrupt" % i)
                 maps.append((_spec_from_desc(desc), mp))
+            self._bridge_ids = _bridge_attach(maps)
         except BaseException:
             self._teardown(unlink=False)
             raise
@@ -322,9 +378,9 @@ class Region(Closable):
         self._setup_maps(maps)
         return self
 
-    def _map(self, total: int) -> None:
+    def _map(self, total: int, populate: bool = True) -> None:
         self.size = total
-        self._base = lib.hybrid_shm_map(self._fd, total, 1, _placement_hint(total))
+        self._base = lib.hybrid_shm_map(self._fd, total, int(populate), _placement_hint(total))
         if self._base == ffi.NULL:
             err = ffi.errno or E.ENOMEM
             raise MapError(err, None, "map region %s" % self.path, os.strerror(err))
@@ -402,8 +458,10 @@ class Region(Closable):
             for m in self._maps:
                 _maps_by_address.pop(m.address, None)
                 m._ptr = None
-        lib.hybrid_shm_unmap(self._base, self.size)
+        lib.hybrid_shm_unmap(self._base, self.size)  # the mmap overlays of bridged maps with it
         self._base = ffi.NULL
+        _bridge_detach(self._bridge_ids)
+        self._bridge_ids = []
         self._finalizer()
 
     def __repr__(self) -> str:
@@ -433,7 +491,8 @@ def _spec_from_desc(d) -> MapSpec:
         inner = MapSpec("inner", d.inner_type, d.inner_key_size, d.inner_value_size, d.inner_max_entries,
                         d.inner_flags)
     return MapSpec(ffi.string(d.name).decode(errors="replace"), d.type, d.key_size, d.value_size,
-                   d.max_entries, d.map_flags, d.map_extra, inner)
+                   d.max_entries, d.map_flags, d.map_extra, inner, kernel_id=d.kernel_id,
+                   bridge=BRIDGE_NAMES.get(d.bridge, ""))
 
 
 def _create_detail(spec: MapSpec, err: int) -> str:
@@ -635,6 +694,16 @@ class Map:
     def __delitem__(self, key) -> None:
         self.delete(key)
 
+    @property
+    def bridge(self) -> str:
+        """``"mmap"`` or ``"syscall"`` for a map backed by a kernel map; ``""`` for one in the region's memory."""
+        return self.spec.bridge
+
+    @property
+    def kernel_id(self) -> int:
+        """The id of the kernel map backing this map (0: none)."""
+        return self.spec.kernel_id
+
     def ref(self):
         """This map as a ``MapRef`` (what ``lddw`` of the map and of its value resolve to)."""
         from hybrid.user.program import MapRef
@@ -683,12 +752,16 @@ class ArrayMap(Map):
     @property
     def value_address(self) -> int:
         """Address of value 0; value i is at ``value_address + i * round_up(value_size, 8)``
-        (what ``lddw rX, map_value + off`` resolves to)."""
+        (what ``lddw rX, map_value + off`` resolves to).  0 for a syscall-mode bridge (no memory)."""
+        if self.spec.bridge == "syscall":
+            return 0
         return int(ffi.cast("uintptr_t", lib.hybrid_map_lookup(self._p(), b"\0\0\0\0")))
 
     def array_layout(self):
         from hybrid.user.program import ArrayLayout
 
+        if self.spec.bridge == "syscall":
+            return None  # lookups go through the helper (a bpf() call)
         return ArrayLayout(self.value_address - self.address, (self.value_size + 7) // 8 * 8, self.max_entries)
 
 
@@ -754,6 +827,9 @@ class PerCpuArray(_PerCpu):
 
     def array_layout(self):
         from hybrid.user.program import ArrayLayout
+
+        if self.spec.bridge == "syscall":
+            return None  # lookups go through the helper (a bpf() call)
 
         def value0(cpu: int) -> int:  # value 0 of ``cpu``
             return int(ffi.cast("uintptr_t", lib.hybrid_map_lookup_cpu(self._p(), b"\0\0\0\0", cpu)))

@@ -39,6 +39,13 @@ BPF_F_MMAPABLE = 1 << 10
 # pinning (LIBBPF_PIN_*)
 PIN_NONE, PIN_BY_NAME = 0, 1
 
+# Bridges: maps backed by a kernel map (hybrid/native/maps.c).  The codes are the header's.
+BRIDGE_MODES = {"": 0, "mmap": 1, "syscall": 2}
+BRIDGE_NAMES = {v: k for k, v in BRIDGE_MODES.items()}
+# types a syscall-mode bridge supports: HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH,
+# LRU_PERCPU_HASH, LPM_TRIE, QUEUE, STACK, BLOOM_FILTER
+BRIDGE_SYSCALL_TYPES = (1, 2, 5, 6, 9, 10, 11, 22, 23, 30)
+
 
 def map_type_name(t: int) -> str:
     return MAP_TYPE_NAMES.get(t, "type %d" % t)
@@ -73,6 +80,21 @@ class MapSpec:
     * ``libbpf_name``: the name libbpf would give the map in the kernel
       (``<obj>.rodata`` truncated to 15 characters for global data);
     * ``numa_node``: carried through, ignored.
+
+    A map can be backed by a *kernel* map (created elsewhere with
+    ``bpf(BPF_MAP_CREATE)``) whose id is ``kernel_id``, in one of two
+    ``bridge`` modes (semantics in ``hybrid/native/maps.c``):
+
+    * ``"mmap"``: an ARRAY whose kernel map has ``BPF_F_MMAPABLE``; its
+      values are the kernel map's memory, mapped into every process that
+      maps the region (memory speed, atomics work across both sides);
+    * ``"syscall"``: HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH,
+      LRU_PERCPU_HASH, LPM_TRIE, QUEUE, STACK, BLOOM_FILTER: every operation
+      is a ``bpf()`` map command; a program's lookup gets a per-thread copy
+      written back at the end of the run.
+
+    The attributes must be the kernel map's.  ``initial`` is not applied to
+    a bridged map (the kernel map has its contents already).
     """
 
     name: str
@@ -92,6 +114,8 @@ class MapSpec:
     values: tuple = ()
     libbpf_name: str = ""
     numa_node: int = 0
+    kernel_id: int = 0
+    bridge: str = ""
 
     def __post_init__(self) -> None:
         if len(self.name.encode()) > MAX_NAME:
@@ -102,6 +126,23 @@ class MapSpec:
                 raise MapError(E.EINVAL, self.name, "create", "%s must be a u32, is %r" % (field, v))
         if not isinstance(self.map_extra, int) or not 0 <= self.map_extra < 1 << 64:
             raise MapError(E.EINVAL, self.name, "create", "map_extra must be a u64, is %r" % (self.map_extra,))
+        if self.bridge not in BRIDGE_MODES:
+            raise MapError(E.EINVAL, self.name, "create", "bridge must be one of %s, is %r"
+                           % (", ".join(repr(b) for b in BRIDGE_MODES), self.bridge))
+        if not isinstance(self.kernel_id, int) or not 0 <= self.kernel_id < 1 << 32:
+            raise MapError(E.EINVAL, self.name, "create", "kernel_id must be a u32, is %r" % (self.kernel_id,))
+        if self.bridge and self.kernel_id == 0:
+            raise MapError(E.EINVAL, self.name, "create", "a %s bridge needs the kernel map's id (kernel_id)"
+                           % self.bridge)
+        if not self.bridge and self.kernel_id:
+            raise MapError(E.EINVAL, self.name, "create", "kernel_id %d without a bridge mode (bridge='mmap' or "
+                           "'syscall')" % self.kernel_id)
+        if self.bridge == "mmap" and self.type != BPF_MAP_TYPE_ARRAY:
+            raise MapError(E.EOPNOTSUPP, self.name, "create", "an mmap bridge needs an array map, not %s "
+                           "(use bridge='syscall')" % map_type_name(self.type))
+        if self.bridge == "syscall" and self.type not in BRIDGE_SYSCALL_TYPES:
+            raise MapError(E.EOPNOTSUPP, self.name, "create", "a syscall bridge supports %s maps, not %s"
+                           % (", ".join(map_type_name(t) for t in BRIDGE_SYSCALL_TYPES), map_type_name(self.type)))
         if self.initial is not None and len(self.initial) != self.value_size:
             raise MapError(E.EINVAL, self.name, "create", "initial value has %d bytes, value_size is %d"
                            % (len(self.initial), self.value_size))
