@@ -90,14 +90,43 @@ def _print_maps(obj, out=None) -> None:
 
 
 def _note_skipped(obj, chosen) -> None:
-    """Say which programs stay unattached: they are not userspace programs (kernel ones come later)."""
+    """Say where programs run: in the kernel, or not at all (and why)."""
     from hybrid.user.attach.agent import userspace_kind
 
-    names = sorted(n for n, lp in obj.programs.items() if (chosen is None or n not in chosen)
+    if chosen is not None:
+        return
+    if obj.kernel is not None:
+        print("hybrid: in the kernel: %s" % ", ".join(
+            "%s (%s)" % (n, p.section) for n, p in sorted(obj.kernel.programs.items())), file=sys.stderr)
+    for why in obj.unavailable.values():
+        print("hybrid: not attached: %s" % why, file=sys.stderr)
+    names = sorted(n for n, lp in obj.programs.items() if n not in obj.unavailable
                    and (userspace_kind(lp) is None or lp.attach_target is None))
-    if names and chosen is None:
-        print("hybrid: not attached (no userspace attach point): %s" % ", ".join(
+    if names:
+        print("hybrid: not attached (no attach point in a process or the kernel): %s" % ", ".join(
             "%s (%s)" % (n, obj.programs[n].section) for n in names), file=sys.stderr)
+
+
+def _load_for_attach(args: argparse.Namespace):
+    import hybrid
+
+    kernel = False if args.no_kernel else (args.kernel or None)
+    return hybrid.load(args.object, kernel=kernel)
+
+
+def _features(args: argparse.Namespace) -> int:
+    import json
+
+    from hybrid.kernel import features
+
+    rows = features.summary()
+    if args.json:
+        print(json.dumps([{"feature": f.name, "available": f.available, "detail": f.detail} for f in rows], indent=1))
+        return 0
+    width = max(len(f.name) for f in rows)
+    for f in rows:
+        print("%-*s  %-3s  %s" % (width, f.name, "yes" if f.available else "no", f.detail))
+    return 0
 
 
 def _attach_run(args: argparse.Namespace) -> int:
@@ -108,10 +137,10 @@ def _attach_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise HybridError("hybrid run: no command given (hybrid run OBJ -- CMD ARGS)")
-    with hybrid.load(args.object) as obj:
+    with _load_for_attach(args) as obj:
         _note_skipped(obj, args.prog)
         with obj.launch(command, programs=args.prog or None) as proc:
-            if args.verbose:
+            if args.verbose and proc.attachment is not None:
                 for pl in proc.attachment.placements:
                     print("hybrid: %s %s at %s" % (pl.kind, pl.program, pl.where), file=sys.stderr)
             try:
@@ -119,6 +148,7 @@ def _attach_run(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 proc.popen.send_signal(2)
                 rc = proc.wait()
+        obj.sync()
         if not args.quiet:
             _print_maps(obj)
     return rc if rc >= 0 else 128 - rc
@@ -127,9 +157,7 @@ def _attach_run(args: argparse.Namespace) -> int:
 def _attach_pid(args: argparse.Namespace) -> int:
     import time
 
-    import hybrid
-
-    with hybrid.load(args.object) as obj:
+    with _load_for_attach(args) as obj:
         _note_skipped(obj, args.prog)
         att = obj.attach(args.pid, programs=args.prog or None)
         for pl in att.placements:
@@ -145,6 +173,7 @@ def _attach_pid(args: argparse.Namespace) -> int:
             pass
         att.detach()
         print("hybrid: detached", file=sys.stderr)
+        obj.sync()
         if not args.quiet:
             _print_maps(obj)
     return 0
@@ -195,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prog", action="append", help="attach only this program (repeatable)")
     run.add_argument("-q", "--quiet", action="store_true", help="do not print the maps at exit")
     run.add_argument("-v", "--verbose", action="store_true", help="print where each program is attached")
+    _placement_options(run)
     run.set_defaults(func=_attach_run)
 
     at = sub.add_parser("attach", help="attach an object's userspace probes to a running process",
@@ -204,12 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--prog", action="append", help="attach only this program (repeatable)")
     at.add_argument("-d", "--duration", type=float, help="detach after this many seconds (default: at Ctrl-C)")
     at.add_argument("-q", "--quiet", action="store_true", help="do not print the maps after detaching")
+    _placement_options(at)
     at.set_defaults(func=_attach_pid)
 
     de = sub.add_parser("detach", help="remove every probe hybrid placed in a process")
     de.add_argument("-p", "--pid", type=int, required=True, help="the traced process")
     de.set_defaults(func=_detach_pid)
+
+    fe = sub.add_parser("features", help="what the running kernel can do (kprobes, fentry, ring buffers...)")
+    fe.add_argument("--json", action="store_true", help="print JSON")
+    fe.set_defaults(func=_features)
     return p
+
+
+def _placement_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", action="append", metavar="PROG",
+                   help="run this program in the kernel (repeatable; e.g. a raw_tp/sys_enter counter, or a "
+                        "uprobe as a kernel uprobe for comparison)")
+    p.add_argument("--no-kernel", action="store_true",
+                   help="load nothing into the kernel (kernel-only programs stay unattached)")
 
 
 def main(argv: list[str] | None = None) -> int:

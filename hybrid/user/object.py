@@ -83,12 +83,15 @@ class LoadedProgram:
 class BpfObject(Closable):
     """Maps and programs of one ELF object; close it (or use ``with``) to free them."""
 
-    def __init__(self, spec, *, region_name: str | None = None, keep_region: bool = False):
+    def __init__(self, spec, *, region_name: str | None = None, keep_region: bool = False, kernel_side=None,
+                 unavailable: Mapping[str, str] | None = None):
         from hybrid.user.maps import Region
 
         self.spec = spec
         self.name = spec.name
         self._attachments = set()
+        self.kernel_side = kernel_side
+        self.unavailable = dict(unavailable or {})
         try:
             self.region = Region(spec.maps, name=region_name, keep=keep_region) if spec.maps else None
         except MapError as e:  # say which object the map comes from
@@ -96,6 +99,10 @@ class BpfObject(Closable):
                 from None
         try:
             self.maps: Mapping[str, object] = {m.name: m for m in self.region.maps} if self.region else {}
+            if kernel_side is not None:  # maps whose truth is in the kernel: the kernel map itself
+                for name, role in kernel_side.roles.items():
+                    if role == "mirror" or name in kernel_side.placeholders:
+                        self.maps[name] = kernel_side.kernel_map(spec.map(name))
             refs = self.region.map_refs() if self.region else {}
             regions = self.region.mem_regions() if self.region else ()
             self.programs: dict[str, LoadedProgram] = {}
@@ -130,13 +137,106 @@ class BpfObject(Closable):
         """
         from hybrid.user.attach.agent import attach
 
-        return attach(self, pid, programs=programs, engine=engine)
+        self._check_available(programs)
+        att = attach(self, pid, programs=programs, engine=engine) if self._has_user_probes(programs) else None
+        if self.kernel_side is not None and programs is None:
+            try:
+                links = self.kernel_side.attach(pid)
+            except BaseException:
+                if att is not None:
+                    att.detach()
+                raise
+            if att is None:
+                return KernelAttachment(self, pid, links)
+            att.kernel_links = links
+        elif att is None:  # nothing on either side: the agent's planner says why
+            return attach(self, pid, programs=programs, engine=engine)
+        return att
 
     def launch(self, argv, *, programs=None, **popen_kw):
-        """Start ``argv`` with the userspace programs attached before its ``main``; see ``agent.launch``."""
+        """Start ``argv`` with the userspace programs attached before its ``main``; see ``agent.launch``.
+
+        Kernel programs of the object are attached too (uprobes in the kernel for the new process).
+        """
         from hybrid.user.attach.agent import launch
 
-        return launch(self, argv, programs=programs, **popen_kw)
+        self._check_available(programs)
+        if self._has_user_probes(programs):
+            launched = launch(self, argv, programs=programs, **popen_kw)
+        else:
+            import subprocess
+
+            launched = _PlainLaunch(subprocess.Popen(list(argv), **popen_kw))
+        if self.kernel_side is not None and programs is None:
+            try:
+                links = self.kernel_side.attach(launched.pid)
+            except BaseException:
+                launched.close()
+                raise
+            if launched.attachment is not None:
+                launched.attachment.kernel_links = links
+        return launched
+
+    def attach_kernel(self, pid: int | None = None) -> list:
+        """Attach the kernel programs only (tracepoints once; kernel uprobes for ``pid``, all processes if None)."""
+        if self.kernel_side is None:
+            return []
+        return self.kernel_side.attach(pid)
+
+    def _has_user_probes(self, programs) -> bool:
+        from hybrid.user.attach.agent import userspace_kind
+
+        if programs is not None:
+            return True
+        return any(userspace_kind(lp) is not None for lp in self.programs.values()
+                   if lp.name not in self.unavailable)
+
+    def _check_available(self, programs) -> None:
+        from hybrid.errors import FeatureError
+
+        for name in (programs if programs is not None else ()):
+            if name in self.unavailable:
+                raise FeatureError(self.unavailable[name])
+
+    @property
+    def kernel(self):
+        """The :class:`~hybrid.kernel.object.KernelObject` of the kernel programs, or None."""
+        return self.kernel_side.kernel if self.kernel_side is not None else None
+
+    def sync(self) -> None:
+        """Bring mirrored maps and forwarded rings up to date now (they also sync on their own, see mirror.py)."""
+        if self.kernel_side is not None:
+            self.kernel_side.sync()
+
+    def ring_buffer(self, name: str, callback):
+        """A consumer of ring buffer ``name`` with ``callback(bytes)``, reading both sides' rings if both write it."""
+        return self._consumer(name, callback, None, perf=False)
+
+    def perf_buffer(self, name: str, callback, lost_callback=None):
+        """A consumer of perf event array ``name``: ``callback(cpu, bytes)``, both sides' rings if both write it."""
+        return self._consumer(name, callback, lost_callback, perf=True)
+
+    def _consumer(self, name, callback, lost_callback, perf: bool):
+        from hybrid.user.maps import PerfBufferConsumer, RingBufferConsumer
+
+        role = self.kernel_side.roles.get(name, "user") if self.kernel_side is not None else "user"
+        if name not in self.maps:
+            raise KeyError("object %r has no map %r" % (self.name, name))
+        parts = []
+        if role in ("kernel", "rings"):
+            from hybrid.kernel import events
+
+            km = self.kernel_side.kernel_map(self.spec.map(name))
+            parts.append(events.PerfBuffer(km, callback, lost=lost_callback) if perf
+                         else events.RingBuffer(km, callback))
+        if role in ("user", "rings"):
+            m = self.region[name]
+            parts.append(PerfBufferConsumer(m, callback, lost_callback) if perf else RingBufferConsumer(m, callback))
+        if len(parts) == 1:
+            return parts[0]
+        from hybrid.bridge.events import CombinedConsumer
+
+        return CombinedConsumer(parts)
 
     _attachments: set = set()  # replaced per object in __init__ (class default for half-built objects)
     _keep_code = False  # a detach whose grace period did not complete: never free program code
@@ -202,6 +302,12 @@ class BpfObject(Closable):
             except Exception as e:  # noqa: BLE001 - close everything, then report
                 errors.append(e)
         self._unregister()
+        side, self.kernel_side = getattr(self, "kernel_side", None), None
+        if side is not None:  # final mirror syncs and forwards, then links and the kernel object
+            try:
+                side.close()
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
         if self._keep_code:  # a thread may still run a detached program here: leak its code and maps
             _kept.append(self)
             return
@@ -214,16 +320,83 @@ class BpfObject(Closable):
             raise errors[0]
 
     def __repr__(self) -> str:
-        return "<BpfObject %r: programs %s, maps %s>" % (self.name, sorted(self.programs), sorted(self.maps))
+        kernel = ", kernel programs %s" % sorted(self.kernel_side.placement.kernel) if self.kernel_side else ""
+        return "<BpfObject %r: programs %s%s, maps %s>" % (self.name, sorted(self.programs), kernel, sorted(self.maps))
+
+
+class KernelAttachment(Closable):
+    """Kernel programs of an object attached (an object without userspace probes); ``detach()`` removes them."""
+
+    def __init__(self, obj: BpfObject, pid: int | None, links: list):
+        self.object = obj
+        self.pid = pid
+        self.placements = ()
+        self.kernel_links = links
+        self.attached = True
+
+    def detach(self) -> None:
+        if not self.attached:
+            return
+        self.attached = False
+        side = self.object.kernel_side
+        for link in self.kernel_links:
+            link.close()
+            if side is not None and link in side.links:
+                side.links.remove(link)
+
+    close = detach
+
+
+class _PlainLaunch:
+    """A command started without userspace probes (only kernel programs watch it)."""
+
+    def __init__(self, popen):
+        self.popen = popen
+        self.pid = popen.pid
+        self.attachment = None
+
+    def wait(self, timeout=None):
+        return self.popen.wait(timeout)
+
+    @property
+    def returncode(self):
+        return self.popen.returncode
+
+    def detach(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, name):
+        return getattr(self.popen, name)
 
 
 def load(path: str | os.PathLike | bytes, *, values: Mapping[str, int | bytes] | None = None,
-         region_name: str | None = None, keep_region: bool = False) -> BpfObject:
-    """Load a clang-compiled eBPF object into the userspace VM.
+         region_name: str | None = None, keep_region: bool = False, kernel=None,
+         mirror: Mapping[str, object] | None = None, share: Mapping[str, object] | None = None,
+         pin_root: str | None = None) -> BpfObject:
+    """Load a clang-compiled eBPF object: userspace programs into the VM, kernel programs into the kernel.
 
     ``values`` sets global variables before load, as a libbpf skeleton's
-    ``skel->rodata->name = value`` does for ``const volatile`` values.
-    Raises a :class:`~hybrid.errors.HybridError` naming what is wrong and where.
+    ``skel->rodata->name = value`` does for ``const volatile`` values (on both sides).
+    ``kernel`` chooses where programs run (None: automatic, False: the VM
+    only, True: the kernel wherever it can, or names of programs to put in
+    the kernel; see :mod:`hybrid.bridge.plan`).  Maps that both sides use are
+    shared: arrays by mmap, other maps through bpf(); ``mirror={name: seconds}``
+    keeps a hot hash map in userspace, synced to the kernel in batches; ``share={name:
+    kernel map or fd}`` uses an existing kernel map (a bcc table, say).
+    ``pin_root`` is where maps with ``LIBBPF_PIN_BY_NAME`` are pinned (a bpffs directory).
+    Raises a :class:`~hybrid.errors.HybridError` naming what is wrong and where,
+    with nothing left loaded.
     """
     from hybrid.user.elf import load_object_spec
 
@@ -234,4 +407,12 @@ def load(path: str | os.PathLike | bytes, *, values: Mapping[str, int | bytes] |
                                       e.strerror)) from None
     if values:
         spec = spec.with_values(**values)
-    return BpfObject(spec, region_name=region_name, keep_region=keep_region)
+    if isinstance(path, bytes):
+        if kernel or share:
+            raise HybridError("an object given as bytes can only be loaded into the VM (kernel=False)")
+        kernel = False
+    from hybrid.bridge.loader import load as load_both
+
+    return load_both(spec, os.fspath(path) if not isinstance(path, bytes) else None, kernel=kernel,
+                     mirror=mirror, share=share, pin_root=pin_root, region_name=region_name,
+                     keep_region=keep_region)

@@ -307,8 +307,10 @@ def _select(obj: "BpfObject", programs: Iterable[str] | None) -> list["LoadedPro
         return chosen
     chosen = [lp for lp in obj.programs.values() if userspace_kind(lp) is not None and lp.attach_target is not None]
     if not chosen:
-        raise AttachError("object %r has no program that runs in a traced process (sections: %s)"
-                          % (obj.name, ", ".join(sorted(lp.section for lp in obj.programs.values())) or "none"))
+        missing = "".join("; %s" % why for why in getattr(obj, "unavailable", {}).values())
+        raise AttachError("object %r has no program that runs in a traced process (sections: %s)%s"
+                          % (obj.name, ", ".join(sorted(lp.section for lp in obj.programs.values())) or "none",
+                             missing))
     return chosen
 
 
@@ -434,6 +436,7 @@ class Attachment(Closable):
         self._channel = channel
         self._workdir = workdir
         self.attached = True
+        self.kernel_links: list = []  # kernel programs attached with these (BpfObject.attach)
 
     def hits(self, program: str | None = None) -> int:
         """Times the programs ran (all, or ``program``'s); in this process only (library mode)."""
@@ -465,6 +468,11 @@ class Attachment(Closable):
             if _alive(self.pid):
                 self._channel.apply("".join("detach %d\n" % p.id for p in self.placements))
         finally:
+            side = getattr(self.object, "kernel_side", None)
+            for link in self.kernel_links:
+                link.close()
+                if side is not None and link in side.links:
+                    side.links.remove(link)
             self.object._attachments.discard(self)
             if not self._channel.quiescent():
                 # A thread may still be inside a program: keep the code alive.

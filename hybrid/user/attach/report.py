@@ -19,11 +19,16 @@ def _key(b: bytes) -> str:
     return b.hex()
 
 
+def _map_type(m) -> int:
+    spec = getattr(m, "spec", None)  # a map of the region; a kernel map has its type itself
+    return spec.type if spec is not None else m.type
+
+
 def format_maps(obj, limit: int = 1000) -> str:
     """Every non-empty result map of ``obj``; per-CPU values are summed when they are integers."""
     lines = []
     for name, m in sorted(obj.maps.items()):
-        if name.startswith(_HIDDEN_PREFIXES) or m.spec.type in _RING_TYPES:
+        if name.startswith(_HIDDEN_PREFIXES) or _map_type(m) in _RING_TYPES:
             continue
         rows = []
         try:
@@ -36,7 +41,7 @@ def format_maps(obj, limit: int = 1000) -> str:
                     if all(len(x) <= 8 for x in v) else b"".join(v)
             elif not isinstance(v, (bytes, bytearray)):
                 continue
-            if m.spec.type == 2 and not any(v):  # arrays: skip zero slots
+            if _map_type(m) == 2 and not any(v):  # arrays: skip zero slots
                 continue
             rows.append("@%s[%s]: %s" % (name, _key(k), _value(bytes(v))))
         if rows:
