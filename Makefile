@@ -14,11 +14,15 @@ setup:
 test: setup
 	$(PYTHON) -m pytest -q $(ARGS)
 
+# The main job: the example agent combining a kernel program and a userspace
+# probe in one map (examples/threadstat), after the VM's conformance run.
 demo: setup
 	@set -e; for engine in $(ENGINES); do \
 		echo "== conformance, engine $$engine"; \
 		.venv/bin/hybrid conformance $(CONFORMANCE) --engine $$engine; \
 	done
+	@echo "== threadstat: kernel raw_tp/sys_enter + userspace uprobe, one shared map"
+	$(PYTHON) examples/threadstat/threadstat.py $(ARGS)
 
 bench: setup
 	$(PYTHON) bench/run.py $(ARGS)
