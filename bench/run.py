@@ -81,6 +81,18 @@ def _probes_missed(json_path: Path) -> list[str]:
     return bench_probes.missed_goals(json_path)
 
 
+def _bridge_report(json_path: Path) -> str:
+    import bench_bridge
+
+    return bench_bridge.summarize(json_path)
+
+
+def _bridge_missed(json_path: Path) -> list[str]:
+    import bench_bridge
+
+    return bench_bridge.missed_goals(json_path)
+
+
 SUITES: list[Suite] = [
     Suite("engines", "bench_engines.py",
           "gcc -O2 / JIT / AOT / interpreter on sieve, loop, stack_mix, helpers",
@@ -91,6 +103,9 @@ SUITES: list[Suite] = [
     Suite("probes", "bench_probes.py",
           "ns per probed call: kernel uprobes vs hybrid's in-process probes on lea/push/nop5 victims",
           _probes_report, _probes_missed),
+    Suite("bridge", "bench_bridge.py",
+          "ns per map op from a userspace program: kernel maps (mmap, bpf(), mirror) vs userspace maps",
+          _bridge_report, _bridge_missed),
 ]
 
 
