@@ -68,6 +68,10 @@ int on_rename(void *ctx)
     __u64 rec = 1000 + renames;
     bpf_ringbuf_output(&events, &rec, sizeof(rec), 0);
     bpf_user_ringbuf_drain(&to_kernel, drained, NULL, 0);
+    __u32 k1 = 1, k4 = 4;
+    __u64 *user_count = bpf_map_lookup_elem(&arr, &k1);   /* what userspace wrote, read by the kernel */
+    if (user_count)
+        bpf_map_update_elem(&arr, &k4, user_count, BPF_ANY);
     return 0;
 }
 
@@ -167,6 +171,8 @@ def test_both_sides_share_arrays_hashes_globals_and_rings(obj_path, engine):
         assert u64_of(obj.maps[".bss"].lookup(u32(0))[:8]) == 8
         # userspace -> kernel user ring buffer -> drained by the kernel program
         assert u64_of(k["arr"].lookup(u32(3))) == 5 and u64_of(k["arr"].lookup(u32(2))) == 25
+        # the kernel program read what the userspace program wrote into the shared array
+        assert u64_of(k["arr"].lookup(u32(4))) == 5
         # one consumer, both rings: kernel records 1001..1008, userspace records 2007 x5
         assert sorted(seen) == sorted([*range(1001, 1009), *[2007] * 5])
         assert u64_of(obj.maps["kernel_only"].lookup(u32(7))) == 8
@@ -314,3 +320,59 @@ def test_not_root_is_a_clear_error(obj_path):
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert r.stdout.startswith("KernelError") and "needs root" in r.stdout, r.stdout
     assert "on_rename" in r.stdout, r.stdout  # names the program that needed the kernel
+
+
+PERF = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY); __uint(key_size, 4); __uint(value_size, 4); } out SEC(".maps");
+const volatile __u32 target_tgid = 0;
+SEC("raw_tp/task_rename") int kern(void *ctx)
+{
+    if (bpf_get_current_pid_tgid() >> 32 != target_tgid)
+        return 0;
+    __u64 v = 1;
+    bpf_perf_event_output(ctx, &out, BPF_F_CURRENT_CPU, &v, sizeof(v));
+    return 0;
+}
+SEC("uprobe") int user(void *ctx)
+{
+    __u64 v = 2;
+    bpf_perf_event_output(ctx, &out, BPF_F_CURRENT_CPU, &v, sizeof(v));
+    return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_perf_buffer_of_both_sides(bpf_build):
+    path = bpf_build.source("bridge_perf", PERF)
+    with hybrid.load(path, values={"target_tgid": os.getpid()}) as obj:
+        got = []
+        with obj.perf_buffer("out", lambda cpu, data: got.append(u64_of(data))) as pb:
+            obj.attach_kernel()
+            rename(4)
+            for _ in range(3):
+                obj.programs["user"].run(bytes(168))
+            for _ in range(50):
+                if len(got) >= 7:
+                    break
+                pb.poll(100)
+        assert sorted(got) == [1, 1, 1, 1, 2, 2, 2]
+
+
+def test_pin_root_not_on_bpffs_leaves_nothing_behind(bpf_build, tmp_path):
+    path = bpf_build.source("bridge_pinned", r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 4); __type(key, __u32); __type(value, __u64);
+         __uint(pinning, LIBBPF_PIN_BY_NAME); } pinned SEC(".maps");
+SEC("raw_tp/task_rename") int k(void *ctx) { __u32 key = 0; bpf_map_lookup_elem(&pinned, &key); return 0; }
+SEC("uprobe") int u(void *ctx) { __u32 key = 0; bpf_map_lookup_elem(&pinned, &key); return 0; }
+char LICENSE[] SEC("license") = "GPL";
+""")
+    before, regions = open_fds(), shm_regions()
+    with pytest.raises(KernelError, match=r"not on a bpf filesystem.*mount -t bpf"):
+        hybrid.load(path, pin_root=str(tmp_path))
+    assert open_fds() == before and shm_regions() == regions
+    assert list(tmp_path.iterdir()) == []
