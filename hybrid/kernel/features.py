@@ -414,19 +414,7 @@ _DETECTORS = {
 
 # --- map and program types ------------------------------------------------------------------
 
-MAP_TYPE_NAMES = {
-    0: "unspec", 1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array", 5: "percpu_hash",
-    6: "percpu_array", 7: "stack_trace", 8: "cgroup_array", 9: "lru_hash", 10: "lru_percpu_hash",
-    11: "lpm_trie", 12: "array_of_maps", 13: "hash_of_maps", 14: "devmap", 15: "sockmap", 16: "cpumap",
-    17: "xskmap", 18: "sockhash", 19: "cgroup_storage", 20: "reuseport_sockarray",
-    21: "percpu_cgroup_storage", 22: "queue", 23: "stack", 24: "sk_storage", 25: "devmap_hash",
-    26: "struct_ops", 27: "ringbuf", 28: "inode_storage", 29: "task_storage", 30: "bloom_filter",
-    31: "user_ringbuf", 32: "cgrp_storage", 33: "arena",
-}
-
-
-def map_type_name(t: int) -> str:
-    return MAP_TYPE_NAMES.get(t, "type %d" % t)
+from hybrid.user.mapspec import MAP_TYPE_NAMES, map_type_name  # noqa: E402,F401 - one table for both sides
 
 
 def map_type(t: int) -> Feature:

@@ -25,6 +25,7 @@ from hybrid.closable import Closable
 from hybrid.errors import MapError
 from hybrid.kernel import libbpf as L
 from hybrid.kernel.features import map_type_name
+from hybrid.user.mapspec import MapAccess
 
 # enum bpf_map_type
 (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PROG_ARRAY, BPF_MAP_TYPE_PERF_EVENT_ARRAY,
@@ -127,7 +128,7 @@ def _root_detail(err: int) -> str | None:
     return None
 
 
-class KernelMap(Closable):
+class KernelMap(MapAccess, Closable):
     """One kernel map.  ``fd, id, name, type, key_size, value_size, max_entries, flags`` come from
     ``BPF_OBJ_GET_INFO_BY_FD``; ``type_name`` is libbpf's name of the type.
 
@@ -328,23 +329,8 @@ class KernelMap(Closable):
     def __iter__(self) -> Iterator[bytes]:
         """The keys, in the kernel's iteration order."""
         self._no_keys("iterate")
-        key = None
-        while (key := self.next_key(key)) is not None:
-            yield key
+        return MapAccess.__iter__(self)
 
-    def keys(self) -> Iterator[bytes]:
-        return iter(self)
-
-    def items(self) -> Iterator[tuple[bytes, object]]:
-        """(key, value) pairs; keys deleted during the iteration are skipped."""
-        for key in self:
-            value = self.lookup(key)
-            if value is not None:
-                yield key, value
-
-    def values(self) -> Iterator[object]:
-        for _, value in self.items():
-            yield value
 
     def __len__(self) -> int:
         """max_entries for arrays; the number of keys (one syscall per key) for the others."""
@@ -353,23 +339,6 @@ class KernelMap(Closable):
             return self.max_entries
         return sum(1 for _ in self)
 
-    def __bool__(self) -> bool:
-        return True
-
-    def __contains__(self, key) -> bool:
-        return self.lookup(key) is not None
-
-    def __getitem__(self, key):
-        value = self.lookup(key)
-        if value is None:
-            raise KeyError(key)
-        return value
-
-    def __setitem__(self, key, value) -> None:
-        self.update(key, value)
-
-    def __delitem__(self, key) -> None:
-        self.delete(key)
 
     def sum(self, key) -> int | None:
         """Per-CPU maps: the CPUs' values read as little-endian unsigned integers, added up."""

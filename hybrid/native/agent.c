@@ -79,6 +79,7 @@
 #include "agent.h"
 #include "helpers.h"
 #include "maps.h"
+#include "runtime.h"
 
 #include <dirent.h>
 #include <dlfcn.h>
@@ -271,23 +272,6 @@ static void thr_release(void *p)
     STORE_REL(&t->owner, 0);
 }
 
-/* System calls made on the hit path go straight to the kernel, never
- * through libc: its wrappers may be patched syscall sites, whose dispatcher
- * would come back here before the thread has its state (endless recursion). */
-static inline long raw_syscall6(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
-{
-    long ret;
-    register long r10 __asm__("r10") = a4;
-    register long r8 __asm__("r8") = a5;
-    register long r9 __asm__("r9") = a6;
-
-    __asm__ volatile("syscall"
-                     : "=a"(ret)
-                     : "a"(nr), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-}
-
 static struct thr *thr_get(void)
 {
     struct thr *t = self, *head;
@@ -295,7 +279,7 @@ static struct thr *thr_get(void)
 
     if (t)
         return t;
-    tid = (uint32_t)raw_syscall6(SYS_gettid, 0, 0, 0, 0, 0, 0);
+    tid = (uint32_t)hybrid_raw_syscall(SYS_gettid, 0, 0, 0, 0, 0, 0);
     for (t = LOAD_ACQ(&all_thr); t; t = t->next) {
         zero = 0;
         if (LOAD_ACQ(&t->owner) == 0 &&
@@ -303,7 +287,7 @@ static struct thr *thr_get(void)
             goto got;
     }
     {
-        long p = raw_syscall6(SYS_mmap, 0, THR_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        long p = hybrid_raw_syscall(SYS_mmap, 0, THR_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
         if (p < 0 && p > -4096)
             return NULL;

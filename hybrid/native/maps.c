@@ -1535,38 +1535,14 @@ struct bpf_map_info_v {         /* struct bpf_map_info up to map_extra */
 #endif
 #endif
 
-/* System calls on the path of a program's map operation go straight to the
- * kernel, not through libc: in a traced process libc's wrappers may be
- * patched syscall sites (agent.c), whose probes would then run inside a
- * probe (and be counted as missed).  Returns the result or -errno. */
-static inline long raw_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
-{
-#if defined(__x86_64__)
-    long ret;
-    register long r10 __asm__("r10") = a4;
-    register long r8 __asm__("r8") = a5;
-    register long r9 __asm__("r9") = a6;
-
-    __asm__ volatile("syscall"
-                     : "=a"(ret)
-                     : "a"(nr), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-#else
-    long ret = syscall(nr, a1, a2, a3, a4, a5, a6);
-
-    return ret < 0 ? -errno : ret;
-#endif
-}
-
 static inline long sys_bpf(int cmd, void *attr, uint32_t size)
 {
-    return raw_syscall(__NR_bpf, cmd, (long)(uintptr_t)attr, size, 0, 0, 0);
+    return hybrid_raw_syscall(__NR_bpf, cmd, (long)(uintptr_t)attr, size, 0, 0, 0);
 }
 
 static inline void sys_close(int fd)
 {
-    raw_syscall(SYS_close, fd, 0, 0, 0, 0, 0);
+    hybrid_raw_syscall(SYS_close, fd, 0, 0, 0, 0, 0);
 }
 
 /* The test on the hot paths: `bridge` is in line 0 of the header, read anyway; the work of a
@@ -1704,7 +1680,7 @@ static uint32_t bridge_ncpus;
 static uint32_t read_possible_cpus(void)
 {
     char buf[256];
-    long fd = raw_syscall(SYS_openat, AT_FDCWD, (long)(uintptr_t)"/sys/devices/system/cpu/possible",
+    long fd = hybrid_raw_syscall(SYS_openat, AT_FDCWD, (long)(uintptr_t)"/sys/devices/system/cpu/possible",
                           O_RDONLY | O_CLOEXEC, 0, 0, 0);
     long n;
     uint32_t top = 0, cur = 0;
@@ -1712,7 +1688,7 @@ static uint32_t read_possible_cpus(void)
 
     if (fd < 0)
         return 0;
-    n = raw_syscall(SYS_read, fd, (long)(uintptr_t)buf, sizeof(buf) - 1, 0, 0, 0);
+    n = hybrid_raw_syscall(SYS_read, fd, (long)(uintptr_t)buf, sizeof(buf) - 1, 0, 0, 0);
     sys_close((int)fd);
     if (n <= 0)
         return 0;
@@ -1809,7 +1785,7 @@ static struct bridge_arena *arena_get(void)
             __atomic_compare_exchange_n(&a->busy, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
             goto got;
     }
-    p = raw_syscall(SYS_mmap, 0, BRIDGE_ARENA_SIZE, PROT_READ | PROT_WRITE,
+    p = hybrid_raw_syscall(SYS_mmap, 0, BRIDGE_ARENA_SIZE, PROT_READ | PROT_WRITE,
                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p < 0 && p > -4096)
         return NULL;

@@ -29,4 +29,35 @@ uint64_t hybrid_helper_ktime_get_coarse_ns(uint64_t r1, uint64_t r2, uint64_t r3
  * dlopen()ed into a running process (the agent, hybrid._native). */
 #define HYBRID_TLS __thread __attribute__((tls_model("initial-exec")))
 
+/* System calls on a program's or a probe's path go straight to the kernel,
+ * never through libc: in a traced process libc's wrappers may be patched
+ * syscall sites, whose dispatcher would come back into the agent (a probe
+ * inside a probe, or endless recursion before the thread has its state).
+ * Returns the result or -errno. */
+#if defined(__x86_64__)
+static inline long hybrid_raw_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
+{
+    long ret;
+    register long r10 __asm__("r10") = a4;
+    register long r8 __asm__("r8") = a5;
+    register long r9 __asm__("r9") = a6;
+
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(nr), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#else
+#include <errno.h>
+#include <unistd.h>
+
+static inline long hybrid_raw_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
+{
+    long ret = syscall(nr, a1, a2, a3, a4, a5, a6);
+
+    return ret < 0 ? -errno : ret;
+}
+#endif
+
 #endif /* HYBRID_RUNTIME_H */

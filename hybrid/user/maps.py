@@ -41,7 +41,7 @@ from typing import Callable, ClassVar, Iterator, Sequence
 from hybrid.closable import Closable
 from hybrid.errors import MapError
 from hybrid.native import _native
-from hybrid.user.mapspec import BRIDGE_MODES, BRIDGE_NAMES, MapSpec, map_type_name  # noqa: F401 - MapSpec is API
+from hybrid.user.mapspec import BRIDGE_MODES, BRIDGE_NAMES, MapAccess, MapSpec, map_type_name  # noqa: F401 - MapSpec is API
 
 _mod = _native()
 ffi, lib = _mod.ffi, _mod.lib
@@ -535,7 +535,7 @@ _ERRNO_DETAIL = {
 }
 
 
-class Map:
+class Map(MapAccess):
     """One map of a region.  Subclasses per family; ``Map.for_type(t)`` finds the class.
 
     ``address`` is the header's address in this process (what programs get
@@ -653,46 +653,8 @@ class Map:
             return None
         raise self._error(-rc, "next_key")
 
-    def __iter__(self) -> Iterator[bytes]:
-        """The keys, in the kernel's iteration order."""
-        key = None
-        while (key := self.next_key(key)) is not None:
-            yield key
-
-    def keys(self) -> Iterator[bytes]:
-        return iter(self)
-
-    def items(self) -> Iterator[tuple[bytes, object]]:
-        """(key, value) pairs; keys deleted during the iteration are skipped."""
-        for key in self:
-            value = self.lookup(key)
-            if value is not None:
-                yield key, value
-
-    def values(self) -> Iterator[object]:
-        for _, value in self.items():
-            yield value
-
     def __len__(self) -> int:
         return int(lib.hybrid_map_count(self._p()))
-
-    def __bool__(self) -> bool:
-        return True
-
-    def __contains__(self, key) -> bool:
-        return self.lookup(key) is not None
-
-    def __getitem__(self, key):
-        value = self.lookup(key)
-        if value is None:
-            raise KeyError(key)
-        return value
-
-    def __setitem__(self, key, value) -> None:
-        self.update(key, value)
-
-    def __delitem__(self, key) -> None:
-        self.delete(key)
 
     @property
     def bridge(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno as E
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 from hybrid.errors import MapError
 
@@ -24,7 +25,7 @@ MAP_TYPE_NAMES = {
     17: "xskmap", 18: "sockhash", 19: "cgroup_storage", 20: "reuseport_sockarray",
     21: "percpu_cgroup_storage", 22: "queue", 23: "stack", 24: "sk_storage", 25: "devmap_hash",
     26: "struct_ops", 27: "ringbuf", 28: "inode_storage", 29: "task_storage", 30: "bloom_filter",
-    31: "user_ringbuf", 32: "cgrp_storage",
+    31: "user_ringbuf", 32: "cgrp_storage", 33: "arena",
 }
 BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
 BPF_MAP_TYPE_ARRAY = 2
@@ -156,3 +157,47 @@ class MapSpec:
         if self.type == BPF_MAP_TYPE_PERF_EVENT_ARRAY and self.max_entries == 0:
             return replace(self, max_entries=nr_cpus)
         return self
+
+
+class MapAccess:
+    """The Python protocol every map class shares (userspace maps, bridged maps, kernel maps by fd),
+    built on the four syscall-like calls each class implements: ``lookup``, ``update``, ``delete``
+    and ``next_key``."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        """The keys, in the map's iteration order."""
+        key = None
+        while (key := self.next_key(key)) is not None:
+            yield key
+
+    def keys(self) -> Iterator[bytes]:
+        return iter(self)
+
+    def items(self) -> Iterator[tuple[bytes, object]]:
+        """(key, value) pairs; keys deleted during the iteration are skipped."""
+        for key in self:
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+    def values(self) -> Iterator[object]:
+        for _, value in self.items():
+            yield value
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, key) -> bool:
+        return self.lookup(key) is not None
+
+    def __getitem__(self, key):
+        value = self.lookup(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key, value) -> None:
+        self.update(key, value)
+
+    def __delitem__(self, key) -> None:
+        self.delete(key)
