@@ -114,6 +114,23 @@ def _load_for_attach(args: argparse.Namespace):
     return hybrid.load(args.object, kernel=kernel)
 
 
+TOOLS_DIR = Path(__file__).resolve().parent.parent / "tools" / "bcc_ports"
+
+
+def _tool(args: argparse.Namespace) -> int:
+    """``hybrid tool NAME ARGS``: a ported bcc tool (tools/bcc_ports/NAME.py), its own options after the name."""
+    import importlib
+
+    names = sorted(p.stem for p in TOOLS_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem != "common")
+    if args.name not in names:
+        raise HybridError("no tool %r (tools: %s)" % (args.name, ", ".join(names) or "none"))
+    root = str(TOOLS_DIR.parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module = importlib.import_module("tools.bcc_ports.%s" % args.name)
+    return module.main(list(args.args))
+
+
 def _features(args: argparse.Namespace) -> int:
     import json
 
@@ -240,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("detach", help="remove every probe hybrid placed in a process")
     de.add_argument("-p", "--pid", type=int, required=True, help="the traced process")
     de.set_defaults(func=_detach_pid)
+
+    to = sub.add_parser("tool", help="run a ported bcc tool (opensnoop, funclatency, memleak, syscount)",
+                        usage="hybrid tool NAME [TOOL OPTIONS...]",
+                        epilog="example: hybrid tool funclatency -p 1234 c:malloc")
+    to.add_argument("name", help="the tool")
+    to.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own options (see hybrid tool NAME -h)")
+    to.set_defaults(func=_tool)
 
     fe = sub.add_parser("features", help="what the running kernel can do (kprobes, fentry, ring buffers...)")
     fe.add_argument("--json", action="store_true", help="print JSON")

@@ -76,3 +76,25 @@ def test_prog_run_an_elf_object(bpf_build, capsys):
     assert capsys.readouterr().out.strip() == "0xf"  # bpf_loop's 10 + 5
     assert main(["prog", "run", obj]) == 2
     assert "several programs: choose one with -p (programs: count, tail_target)" in capsys.readouterr().err
+
+
+def test_tool_runs_a_ported_bcc_tool(capsys):
+    from hybrid.cli import main
+
+    assert main(["tool", "funclatency", "--ebpf", "c:malloc"]) == 0
+    assert "uprobe" in capsys.readouterr().out
+    assert main(["tool", "no_such_tool"]) == 2
+    err = capsys.readouterr().err
+    assert "no tool 'no_such_tool'" in err and "funclatency" in err
+
+
+def test_features_lists_what_the_kernel_can_do(capsys):
+    import json
+    import os
+
+    from hybrid.cli import main
+
+    assert main(["features", "--json"]) == 0
+    rows = {r["feature"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["kprobes"]["available"] == os.path.exists("/sys/bus/event_source/devices/kprobe")
+    assert rows["uprobes"]["available"] == os.path.exists("/sys/bus/event_source/devices/uprobe")
