@@ -1592,6 +1592,9 @@ uint32_t hybrid_max_stack_depth(void)
     return v;
 }
 
+#define USER_LOWEST 0x10000ull            /* below the usual vm.mmap_min_addr: never a mapped frame */
+#define USER_HIGHEST 0x7ffffffff000ull   /* top of the x86-64 user address space (4-level paging) */
+
 /* The user stack of the pt_regs at `pt_regs`: regs->ip, then the return
  * address of each frame of the rbp chain (x86-64 frame pointers: [fp] =
  * caller's fp, [fp + 8] = return address), at most max + skip frames, all
@@ -1611,7 +1614,10 @@ long hybrid_collect_user_stack(const void *pt_regs, uint64_t *ips, uint32_t max,
         if (nr >= skip && !store_u64((uintptr_t)(ips + (nr - skip)), ip))
             return -EFAULT;
         nr++;
-        if (nr >= limit || raw_copy(frame, (const void *)(uintptr_t)fp, sizeof(frame)) < 0)
+        /* The outermost frame's rbp is a small number (glibc's _start leaves 0..3, say): end the
+         * walk there rather than pay a fault and its signal round trip (about 5 µs) to find out. */
+        if (nr >= limit || fp < USER_LOWEST || fp > USER_HIGHEST || (fp & 7) ||
+            raw_copy(frame, (const void *)(uintptr_t)fp, sizeof(frame)) < 0)
             break;
         ip = frame[1];
         fp = frame[0];
