@@ -32,8 +32,8 @@ def ensure_importable() -> None:
         sys.path.insert(0, str(ROOT))
 
 
-class ToolError(Exception):
-    """A problem reported as one line on stderr, exit status 1."""
+ensure_importable()
+from tools.bcc_ports.common import ToolError, tgid_of  # noqa: E402,F401 - one of each for every port
 
 
 # --- building ---------------------------------------------------------------------
@@ -98,18 +98,6 @@ def process_alive(pid: int) -> bool:
 def check_pid(pid: int, what: str = "process") -> None:
     if pid <= 0 or not process_alive(pid):
         raise ToolError("%s %d does not exist" % (what, pid))
-
-
-def tgid_of(tid: int) -> int:
-    """The process (thread group) of thread ``tid``."""
-    try:
-        with open("/proc/%d/status" % tid) as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    raise ToolError("thread %d does not exist" % tid)
 
 
 def check_command(argv: list[str]) -> str:
