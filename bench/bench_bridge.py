@@ -154,13 +154,12 @@ def _forward_args(cmd: list[str], args) -> None:
 
 
 def main() -> None:
-    import pyperf
+    import harness
 
-    quick = "--quick" in sys.argv
-    if quick:
-        sys.argv.remove("--quick")
+    quick = harness.take_quick()
     processes, values, min_time = QUICK if quick else FULL
-    runner = pyperf.Runner(processes=processes, values=values, min_time=min_time, add_cmdline_args=_forward_args)
+    runner = harness.make_runner(quick, processes=processes, values=values, min_time=min_time,
+                                 add_cmdline_args=_forward_args)
     runner.argparser.description = "Bridge access: kernel maps from a userspace program vs userspace maps"
     runner.argparser.add_argument("--object", default=None, help="the compiled bridge.bpf.o (default: build it)")
     args = runner.parse_args()
@@ -212,6 +211,25 @@ def missed_goals(json_path) -> list[str]:
     program, limit = GOAL
     return ["bridge/%s: %.2fx the userspace array (goal <= %.1fx)" % (program, r.ratio, limit)
             for r in load_rows(json_path) if r.case.program == program and r.ratio is not None and r.ratio > limit]
+
+
+def rows(json_path) -> list:
+    """The consolidated report's rows (bench/report.py): a kernel map used from userspace against the
+    userspace-only map of the same type (kernel/user < 1: the shared map costs more)."""
+    from report import Row, Stat
+
+    out = []
+    for r in load_rows(json_path):
+        if r.case.map == r.case.baseline:
+            continue
+        note = ""
+        if r.case.program == GOAL[0] and r.ratio is not None:
+            note = "goal: within %.0f× of the userspace map: %s" % (GOAL[1], "met" if r.ratio <= GOAL[1]
+                                                                    else "**MISSED**")
+        out.append(Row("bridge", "%s %s" % (r.case.path, r.case.op), "ns/op", Stat.of(r.bench), Stat.of(r.base),
+                       reason="" if r.bench is not None and r.base is not None else "not measured in this run",
+                       kernel_label="kernel map, from userspace", user_label="userspace map", note=note))
+    return out
 
 
 def summarize(json_path) -> str:

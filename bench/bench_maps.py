@@ -141,6 +141,15 @@ class UserSubject:
         return elapsed
 
 
+def release_subjects() -> None:
+    """Close every cached subject (quick mode runs every benchmark in one process)."""
+    while _subjects:
+        _, subject = _subjects.popitem()
+        obj = getattr(subject, "k", None) or getattr(subject, "u", None)
+        if obj is not None:
+            obj.close()
+
+
 def time_subject(loops: int, program: str, side: str, obj_path: str) -> float:
     """pyperf time function: ``loops`` runs of ``program`` on ``side``; the first use sets up (untimed)."""
     subject = _subjects.get((program, side))
@@ -248,11 +257,13 @@ def _forward_args(cmd: list[str], args) -> None:
 def main() -> None:
     import pyperf
 
-    quick = "--quick" in sys.argv
-    if quick:
-        sys.argv.remove("--quick")
+    import harness
+
+    quick = harness.take_quick()
     processes, values, min_time = QUICK if quick else FULL
-    runner = pyperf.Runner(processes=processes, values=values, min_time=min_time, add_cmdline_args=_forward_args)
+    runner = harness.make_runner(quick, processes=processes, values=values, min_time=min_time,
+                                 add_cmdline_args=_forward_args)
+    runner.after_each = release_subjects
     runner.argparser.description = "Map operations: hybrid's JIT/AOT against the kernel (BPF_PROG_TEST_RUN)"
     runner.argparser.add_argument("--sides", default=",".join(SIDES),
                                   help="comma-separated sides among %s (default: all)" % ",".join(SIDES))
@@ -405,6 +416,24 @@ def load_rows(json_path: Path | str) -> list[Row]:
 def missed_goals(json_path: Path | str) -> list[str]:
     return ["maps/%s: JIT %.2f ns/op, kernel %.2f ns/op" % (r.case.program, _ns(r.jit), _ns(r.kernel))
             for r in load_rows(json_path) if r.goal_met is False]
+
+
+def rows(json_path: Path | str) -> list:
+    """The consolidated report's rows (bench/report.py): ns per map operation, kernel test run against the JIT."""
+    from report import Row, Stat
+
+    reason = missing_reason(_load(json_path)) or ""
+    out = []
+    for r in load_rows(json_path):
+        notes = []
+        if r.aot is not None:
+            notes.append("AOT %s ns" % _fmt(_ns(r.aot)))
+        if r.net_ratio is not None:
+            notes.append("net of the empty loop: %.1f×" % r.net_ratio)
+        out.append(Row("maps", "%s %s" % (r.case.map, r.case.op), "ns/op", Stat.of(r.kernel), Stat.of(r.jit),
+                       reason=r.case.unsupported or reason, kernel_label="kernel (BPF_PROG_TEST_RUN)", user_label="hybrid JIT",
+                       note=", ".join(notes), goal=1.0))
+    return out
 
 
 def summarize(json_path: Path | str) -> str:

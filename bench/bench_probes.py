@@ -119,6 +119,14 @@ class Subject:
 _subjects: dict[str, Subject] = {}
 
 
+def release_subjects() -> None:
+    """Detach and close every cached subject (quick mode runs every benchmark in one process)."""
+    while _subjects:
+        _, subject = _subjects.popitem()
+        if subject.probes is not None:
+            subject.probes.close()
+
+
 def time_subject(loops: int, victim: str, probe: str | None, side: str, n: int, paths: Paths) -> float:
     """pyperf time function: ``loops`` calls of victim_loop(victim, n); the first use attaches (untimed)."""
     name = bench_name(victim, probe, side)
@@ -182,13 +190,13 @@ def _forward_args(cmd: list[str], args) -> None:
 
 
 def main() -> None:
-    import pyperf
+    import harness
 
-    quick = "--quick" in sys.argv
-    if quick:
-        sys.argv.remove("--quick")
+    quick = harness.take_quick()
     processes, values, min_time = QUICK if quick else FULL
-    runner = pyperf.Runner(processes=processes, values=values, min_time=min_time, add_cmdline_args=_forward_args)
+    runner = harness.make_runner(quick, processes=processes, values=values, min_time=min_time,
+                                 add_cmdline_args=_forward_args)
+    runner.after_each = release_subjects
     runner.argparser.description = "Probe hits: kernel uprobes against hybrid's in-process probes"
     runner.argparser.add_argument("--sides", default=",".join(SIDES),
                                   help="comma-separated sides among %s (default: all)" % ",".join(SIDES))
@@ -325,6 +333,22 @@ def missed_goals(json_path: Path | str) -> list[str]:
     return ["probes/%s/%s: kernel %.0f ns, user %.0f ns per call (%.1fx, goal %.0fx)"
             % (r.victim.name, r.probe, r.added("kernel"), r.added("user"), r.ratio, GOAL_RATIO)
             for r in load_rows(json_path) if r.goal_met is False]
+
+
+def rows(json_path: Path | str) -> list:
+    """The consolidated report's rows (bench/report.py): added ns per call, kernel against user."""
+    from report import Row, Stat
+
+    reason = missing_reason(_load(json_path)) or ""
+    out = []
+    for r in load_rows(json_path):
+        base = Stat.of(r.base)
+        kernel = Stat.of(r.kernel, minus=base) if base is not None else None
+        user = Stat.of(r.user, minus=base) if base is not None else None
+        why = reason or ("no baseline measured" if base is None else "")
+        out.append(Row("probes", "%s: %s" % (r.victim.name, r.probe), "ns added/call", kernel, user,
+                       reason=why, note="kernel path: %s" % r.kernel_path, goal=GOAL_RATIO))
+    return out
 
 
 def summarize(json_path: Path | str) -> str:
