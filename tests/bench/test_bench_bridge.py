@@ -4,7 +4,6 @@ runs end to end and reports every row with its ratio to the userspace-only map."
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,11 +36,8 @@ def test_every_case_does_its_operations_on_the_right_map():
         bench_bridge._subjects.clear()
 
 
-def test_quick_suite_reports_every_row(tmp_path):
-    r = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--suite", "bridge", "--results",
-                        str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stdout + r.stderr
-    md = (tmp_path / "bridge.md").read_text()
+def test_quick_suite_reports_every_row(quick_bench):
+    _, md = quick_bench.suite("bridge")
     rows = [line for line in md.splitlines() if line.startswith("| ") and "ns/op" not in line]
     assert len(rows) == len(bench_bridge.CASES)
     assert not any("not measured" in row for row in rows)

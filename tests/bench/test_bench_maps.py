@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -167,20 +166,15 @@ def test_summary_says_why_a_side_is_missing(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_quick_maps_gives_every_row_both_sides_or_a_reason(tmp_path):
+def test_run_quick_maps_gives_every_row_both_sides_or_a_reason(quick_bench):
     need_clang()
-    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--suite", "maps",
-                           "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[1/1] maps:" in proc.stdout
-
-    data = json.loads((tmp_path / "maps.json").read_text())
+    json_path, md = quick_bench.suite("maps")
+    data = json.loads(json_path.read_text())
     names = {b["metadata"]["name"] for b in data["benchmarks"]}
     assert {bench_maps.bench_name(p, "jit") for p in mp.PROGRAMS} <= names
     assert {bench_maps.compile_name(p) for p in mp.PROGRAMS} <= names
 
-    md = (tmp_path / "maps.md").read_text()
-    assert md in proc.stdout  # printed as well as written
+    assert md in (quick_bench.results / "summary.md").read_text()  # in the report as well
     rows = _rows(md)
     assert {c.program for c in mp.CASES} <= set(rows)
     kernel_ran = bench_maps.bench_name("hash_lookup", "kernel") in names
