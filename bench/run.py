@@ -148,6 +148,14 @@ def run_suite(suite: Suite, index: int, total: int, args: argparse.Namespace, t_
     return Outcome(suite, out, elapsed)
 
 
+def existing(suite: Suite, results: Path) -> Outcome:
+    """A suite's outcome from the JSON an earlier run left in ``results`` (``--report``)."""
+    path = results / (suite.name + ".json")
+    if not path.exists():
+        return Outcome(suite, None, 0.0, "no %s: run it first (make bench ARGS=\"--suite %s\")" % (path, suite.name))
+    return Outcome(suite, path, 0.0)
+
+
 def failed_row(outcome: Outcome):
     from report import Row
 
@@ -182,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-readme", action="store_true",
                         help="put the summary table into README.md (full runs only)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: report (and plot) the suites' JSON already in the results folder")
     args = parser.parse_args(argv)
     if args.update_readme and args.quick:
         parser.error("--update-readme takes a full run's numbers, not --quick's")
+    if args.report and (args.quick or pyperf_args):
+        parser.error("--report runs nothing: --quick and pyperf arguments do not apply")
     args.pyperf_args = pyperf_args
     args.results.mkdir(parents=True, exist_ok=True)
 
@@ -193,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
 
     suites = [s for s in SUITES if not args.suite or s.name in args.suite]
     t_all = time.monotonic()
-    outcomes = [run_suite(s, i, len(suites), args, t_all) for i, s in enumerate(suites, 1)]
+    if args.report:
+        outcomes = [existing(s, args.results) for s in suites]
+    else:
+        outcomes = [run_suite(s, i, len(suites), args, t_all) for i, s in enumerate(suites, 1)]
 
     rows, missed, sections = [], [], []
     for o in outcomes:

@@ -106,3 +106,17 @@ def test_a_row_without_a_reason_is_reported():
     rows = [report.Row("s", "x", "ns", report.Stat(1.0), None, reason="refused")]
     assert report.check_rows(rows) == []
     assert "refused" in report.markdown(rows)
+
+
+def test_report_only_renders_the_existing_results(quick):
+    import subprocess
+
+    out, _, _ = quick
+    before = (out / "summary.md").read_text()
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--report", "--no-plots", "--results", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "benchmarks done" not in proc.stdout  # nothing ran
+    table = lambda md: [line for line in md.split("\n\n# ", 1)[0].splitlines() if line.startswith("| ")]  # noqa: E731
+    after = (out / "summary.md").read_text()
+    assert table(after) == table(before)  # the same rows from the same JSON
