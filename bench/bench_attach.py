@@ -671,20 +671,15 @@ ROWS: tuple[RowDef, ...] = (
 
 
 def _load(json_path: Path | str) -> dict:
-    import pyperf
+    from report import benchmarks
 
-    suite = pyperf.BenchmarkSuite.load(str(json_path))
-    return {b.get_name(): b for b in suite.get_benchmarks()}
+    return benchmarks(json_path)
 
 
 def _missing(by_name: dict) -> dict[str, str]:
-    import json
+    from report import missing_sides
 
-    for b in by_name.values():
-        raw = b.get_metadata().get("hybrid_missing")
-        if raw:
-            return json.loads(raw)
-    return {}
+    return missing_sides(by_name)
 
 
 def _ms(bench) -> str:

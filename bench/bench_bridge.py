@@ -197,9 +197,9 @@ class Row:
 
 
 def load_rows(json_path) -> list[Row]:
-    import pyperf
+    from report import benchmarks
 
-    by_name = {b.get_name(): b for b in pyperf.BenchmarkSuite.load(str(json_path)).get_benchmarks()}
+    by_name = benchmarks(json_path)
     rows = []
     for c in CASES:
         base = by_name.get("bridge/%s_%s" % (c.baseline, c.op))

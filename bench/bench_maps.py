@@ -385,11 +385,10 @@ class Row:
         return "map_lookup_elem=0" in self.helper_calls
 
 
-def _load(json_path: Path | str):
-    import pyperf
+def _load(json_path: Path | str) -> dict:
+    from report import benchmarks
 
-    suite = pyperf.BenchmarkSuite.load(str(json_path))
-    return {b.get_name(): b for b in suite.get_benchmarks()}
+    return benchmarks(json_path)
 
 
 def missing_reason(by_name: dict) -> str | None:

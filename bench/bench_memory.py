@@ -550,10 +550,9 @@ def main() -> None:
 
 
 def _load(json_path: Path | str) -> dict:
-    import pyperf
+    from report import benchmarks
 
-    suite = pyperf.BenchmarkSuite.load(str(json_path))
-    return {b.get_name(): b for b in suite.get_benchmarks()}
+    return benchmarks(json_path)
 
 
 def _metadata(by_name: dict) -> dict:

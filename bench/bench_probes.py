@@ -304,10 +304,9 @@ class Row:
 
 
 def _load(json_path: Path | str) -> dict:
-    import pyperf
+    from report import benchmarks
 
-    suite = pyperf.BenchmarkSuite.load(str(json_path))
-    return {b.get_name(): b for b in suite.get_benchmarks()}
+    return benchmarks(json_path)
 
 
 def missing_reason(by_name: dict) -> str | None:

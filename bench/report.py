@@ -77,6 +77,24 @@ class Row:
         return r >= self.goal
 
 
+def benchmarks(json_path) -> dict:
+    """A suite's pyperf JSON as {benchmark name: pyperf.Benchmark}."""
+    import pyperf
+
+    return {b.get_name(): b for b in pyperf.BenchmarkSuite.load(str(json_path)).get_benchmarks()}
+
+
+def missing_sides(by_name: dict) -> dict[str, str]:
+    """The ``hybrid_missing`` metadata (JSON: benchmark name -> why it was not measured) of a suite's run."""
+    import json
+
+    for b in by_name.values():
+        raw = b.get_metadata().get("hybrid_missing")
+        if raw:
+            return json.loads(raw)
+    return {}
+
+
 def check_rows(rows: list[Row]) -> list[str]:
     """Rows that lack a side, or a ratio, and do not say why."""
     bad = ["%s/%s: %s side missing, no reason" % (r.suite, r.name, "kernel" if r.kernel is None else "user")
