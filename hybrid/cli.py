@@ -131,6 +131,17 @@ def _tool(args: argparse.Namespace) -> int:
     return module.main(list(args.args))
 
 
+def _bcc(args: argparse.Namespace) -> int:
+    """``hybrid bcc -- TOOL ARGS``: an unmodified bcc tool, its uprobes in the traced process (hybrid/compat/bcc.py)."""
+    from hybrid.compat.bcc import exec_tool
+
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    exec_tool(command, mode=args.mode, interval=args.sync, verbose=args.verbose)  # returns only on an error
+    return 2
+
+
 def _features(args: argparse.Namespace) -> int:
     import json
 
@@ -197,11 +208,58 @@ def _attach_pid(args: argparse.Namespace) -> int:
 
 
 def _detach_pid(args: argparse.Namespace) -> int:
-    from hybrid.user.attach.agent import detach_all
+    from hybrid import inspection
 
-    n = detach_all(args.pid)
+    if args.link is not None:
+        lk = inspection.detach_link(args.link)
+        print("hybrid: link %d detached (%s %s in process %s)" % (args.link, lk["kind"], lk["program"],
+                                                                   lk.get("pid")), file=sys.stderr)
+        return 0
+    if args.pid is None:
+        raise HybridError("hybrid detach: give -p PID (every probe in the process) or --link ID")
+    n = inspection.detach_process(args.pid)
     print("hybrid: process %d: every probe detached" % args.pid, file=sys.stderr)
     return 0 if n >= 0 else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """``hybrid prog list``, ``map list``, ``map dump``, ``link list`` (see hybrid/inspection.py)."""
+    from hybrid import inspection, registry
+
+    scan = registry.scan()
+    for note in scan.notes:
+        print("hybrid: %s" % note, file=sys.stderr)
+    what = args.inspect
+    if what == "dump":
+        row, entries = inspection.dump_map(args.map, scan)
+        print(inspection.to_json({**row, "entries": entries}) if args.json else inspection.format_dump(row, entries))
+        return 0
+    rows = {"progs": inspection.programs, "maps": inspection.maps, "links": inspection.links}[what](scan)
+    if args.json:
+        print(inspection.to_json(rows))
+    elif rows:
+        print({"progs": inspection.format_programs, "maps": inspection.format_maps,
+               "links": inspection.format_links}[what](rows))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from hybrid import inspection
+
+    if args.state == "status":
+        from hybrid import registry
+
+        print("hybrid: run-time statistics are %s for new objects; kernel.bpf_stats_enabled is %s"
+              % ("on" if registry.stats_default() else "off",
+                 {True: "1", False: "0", None: "unknown"}[inspection.kernel_stats_enabled()]))
+        return 0
+    n = inspection.set_stats(args.state == "on")
+    print("hybrid: run-time statistics %s (%d loaded object%s, and objects loaded from now on)"
+          % (args.state, n, "" if n == 1 else "s"), file=sys.stderr)
+    if args.state == "on" and inspection.kernel_stats_enabled() is False:
+        print("hybrid: programs in the kernel are counted while kernel.bpf_stats_enabled is 1 "
+              "(sysctl -w kernel.bpf_stats_enabled=1)", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", help="write the bytecode here (default: standard output)")
     a.set_defaults(func=_asm)
 
-    prog = sub.add_parser("prog", help="programs: run one once")
+    prog = sub.add_parser("prog", help="programs: run one once, list the loaded ones")
     prog_sub = prog.add_subparsers(dest="prog_command", required=True, metavar="ACTION")
     r = prog_sub.add_parser("run", help="verify and run a program once, print r0")
     r.add_argument("file", help="raw bytecode or a clang-compiled ELF object, or - for standard input")
@@ -232,6 +290,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mem", help="input memory as hex bytes (r1 points at it, r2 is its length)")
     r.add_argument("-p", "--program", help="with an ELF object: the program to run (needed when it has several)")
     r.set_defaults(func=_run)
+    pl = prog_sub.add_parser("list", aliases=["show"], help="every loaded program, where it runs, its run counts")
+    pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.set_defaults(func=_inspect, inspect="progs")
+
+    mp = sub.add_parser("map", help="maps: list, dump")
+    mp_sub = mp.add_subparsers(dest="map_command", required=True, metavar="ACTION")
+    ml = mp_sub.add_parser("list", aliases=["show"], help="every map of every loaded object")
+    ml.add_argument("--json", action="store_true", help="print JSON")
+    ml.set_defaults(func=_inspect, inspect="maps")
+    md = mp_sub.add_parser("dump", help="the keys and values of one map (read-only)")
+    md.add_argument("map", metavar="NAME|ID", help="the map's id (hybrid map list), or its name if only one has it")
+    md.add_argument("--json", action="store_true", help="print JSON")
+    md.set_defaults(func=_inspect, inspect="dump")
+
+    lk = sub.add_parser("link", help="links: list")
+    lk_sub = lk.add_subparsers(dest="link_command", required=True, metavar="ACTION")
+    ll = lk_sub.add_parser("list", aliases=["show"], help="every attached program: where, in which process")
+    ll.add_argument("--json", action="store_true", help="print JSON")
+    ll.set_defaults(func=_inspect, inspect="links")
+
+    st = sub.add_parser("stats", help="measure the run time of programs (on/off), like kernel.bpf_stats_enabled")
+    st.add_argument("state", choices=("on", "off", "status"))
+    st.set_defaults(func=_stats)
 
     run = sub.add_parser("run", help="run a command with an object's userspace probes attached from its start",
                          usage="hybrid run [-h] [--prog NAME] [-q] [-v] OBJ -- CMD [ARGS...]",
@@ -254,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     _placement_options(at)
     at.set_defaults(func=_attach_pid)
 
-    de = sub.add_parser("detach", help="remove every probe hybrid placed in a process")
-    de.add_argument("-p", "--pid", type=int, required=True, help="the traced process")
+    de = sub.add_parser("detach", help="remove every probe hybrid placed in a process, or one link")
+    de.add_argument("-p", "--pid", type=int, help="the traced process: remove every probe in it")
+    de.add_argument("--link", type=int, metavar="ID", help="remove this link only (hybrid link list)")
     de.set_defaults(func=_detach_pid)
 
     to = sub.add_parser("tool", help="run a ported bcc tool (opensnoop, funclatency, memleak, syscount)",
@@ -264,6 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("name", help="the tool")
     to.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own options (see hybrid tool NAME -h)")
     to.set_defaults(func=_tool)
+
+    bc = sub.add_parser("bcc", help="run an unmodified bcc tool with its uprobes inside the traced process",
+                        usage="hybrid bcc [--mode user|kernel] [--sync SECONDS] [-v] -- TOOL [ARGS...]",
+                        epilog="example: hybrid bcc -- funclatency-bpfcc -p 1234 /path/prog:work")
+    bc.add_argument("--mode", choices=("user", "kernel"), default="user",
+                    help="user (default): uprobes of a traced process (-p) run in it; kernel: every probe in "
+                         "the kernel, as bcc alone")
+    bc.add_argument("--sync", type=float, default=0.1, metavar="SECONDS",
+                    help="push the userspace maps to bcc's kernel maps this often (default 0.1; the tool "
+                         "itself reads the userspace maps: exact at any time)")
+    bc.add_argument("-v", "--verbose", action="store_true", help="say where each probe runs")
+    bc.add_argument("cmd", nargs=argparse.REMAINDER, help="the tool (searched in PATH) and its arguments, after --")
+    bc.set_defaults(func=_bcc)
 
     fe = sub.add_parser("features", help="what the running kernel can do (kprobes, fentry, ring buffers...)")
     fe.add_argument("--json", action="store_true", help="print JSON")

@@ -8,6 +8,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The registry of loaded objects (hybrid/registry.py): the tests' own, not the machine's /run/hybrid.
+if "HYBRID_RUN_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HYBRID_RUN_DIR"] = tempfile.mkdtemp(prefix="hybrid-run-tests-")
+    atexit.register(shutil.rmtree, os.environ["HYBRID_RUN_DIR"], True)
 CONFORMANCE = Path(os.environ.get("HYBRID_CONFORMANCE", ROOT.parent / "shared" / "bpf_conformance"))
 ENGINES = ("interp", "jit", "aot")
 

@@ -45,6 +45,11 @@
  *   c. bytes 1..4 (the rel32); d. 0xE9 at byte 0.
  * Unpatching is the reverse (0xCC, original bytes 1.., original byte 0).
  *
+ * Run counts: a `stats PROGID ADDR INDEX` line makes program PROGID count
+ * its runs, and its run time while that is enabled, in slot INDEX of the
+ * stats area at ADDR in the object's region (stats.h), where any process
+ * can read them; the per-thread hit counters below stay per attachment.
+ *
  * Hits take no lock, no syscall (but the first hit of a thread, which
  * mmaps its page), no malloc: trampoline -> dispatcher -> the site's
  * immutable array of attachments (acquire load; replaced copy-on-write
@@ -80,6 +85,7 @@
 #include "helpers.h"
 #include "maps.h"
 #include "runtime.h"
+#include "stats.h"
 
 #include <dirent.h>
 #include <dlfcn.h>
@@ -175,6 +181,8 @@ struct att {
     uint64_t hits, missed;  /* hits: folded from the threads' counters once the slot is released */
     int slot;               /* index into every thread's hits[], -1: counted in `hits` atomically */
     int live;
+    struct hybrid_stats *stats;    /* the program's run counts in the shared region (stats.h), or NULL */
+    uint32_t stats_index;
 };
 
 struct shadow {
@@ -226,6 +234,8 @@ static uint32_t natts, capatts;
 struct prog_ent {
     uint32_t id;
     void *entry;
+    struct hybrid_stats *stats;
+    uint32_t stats_index;
 };
 static struct prog_ent *progs;
 static uint32_t nprogs, capprogs;
@@ -348,7 +358,7 @@ static inline uint64_t run_prog(struct thr *t, struct att *at, void *ctx, uint64
                                 struct hybrid_probe_ctx *pc)
 {
     struct hybrid_probe_ctx *prev;
-    uint64_t r;
+    uint64_t r, t0;
 
     pc->func_ip = func_ip;
     pc->cookie = at->cookie;
@@ -358,8 +368,10 @@ static inline uint64_t run_prog(struct thr *t, struct att *at, void *ctx, uint64
     pc->pad = 0;
     pc->override_rc = 0;
     prev = hybrid_probe_enter(pc);
+    t0 = hybrid_stats_begin(at->stats);    /* a branch, unless run time is measured */
     r = ((uint64_t(*)(void *))at->entry)(ctx);
     hybrid_bridge_flush_fast();    /* writes through lookups of kernel-backed maps (maps.c); a branch if none */
+    hybrid_stats_end(at->stats, at->stats_index, t0);
     hybrid_probe_restore(prev);
     if (LIKELY(at->slot >= 0))
         t->hits[at->slot]++;    /* exact, thread-private */
@@ -1755,7 +1767,7 @@ static void hexstr(char *out, const uint8_t *b, size_t n)
 struct txn {
     struct { uint64_t addr, size; } regions[64];
     int nregions;
-    struct { uint32_t id; void *entry, *old; int had; } *progs;
+    struct { uint32_t id; void *entry, *old; int had; struct hybrid_stats *stats; uint32_t stats_index; } *progs;
     uint32_t nprogs, capprogs;
     struct site **sites;              /* touched sites */
     uint32_t nsites, capsites;
@@ -1781,6 +1793,24 @@ static void *lookup_prog(struct txn *tx, uint32_t id)
     for (i = 0; i < nprogs; i++)
         if (progs[i].id == id)
             return progs[i].entry;
+    return NULL;
+}
+
+/* The run-count slot of program `id` (a `stats` line), or NULL. */
+static struct hybrid_stats *lookup_stats(struct txn *tx, uint32_t id, uint32_t *index)
+{
+    uint32_t i;
+
+    for (i = tx->nprogs; i-- > 0;)
+        if (tx->progs[i].id == id) {
+            *index = tx->progs[i].stats_index;
+            return tx->progs[i].stats;
+        }
+    for (i = 0; i < nprogs; i++)
+        if (progs[i].id == id) {
+            *index = progs[i].stats_index;
+            return progs[i].stats;
+        }
     return NULL;
 }
 
@@ -2027,8 +2057,39 @@ static int cmd_prog(struct txn *tx, struct line *l, char *err, size_t errlen)
     tx->progs[tx->nprogs].id = (uint32_t)id;
     tx->progs[tx->nprogs].entry = entry;
     tx->progs[tx->nprogs].had = 0;
+    tx->progs[tx->nprogs].stats = NULL;
+    tx->progs[tx->nprogs].stats_index = 0;
     tx->progs[tx->nprogs++].old = NULL;
     return 0;
+}
+
+/* stats PROGID ADDR INDEX: program PROGID (a prog line of this spec) counts its runs in slot INDEX of the
+ * stats area at ADDR (in a region: mapped at the same address in every process). */
+static int cmd_stats(struct txn *tx, struct line *l, char *err, size_t errlen)
+{
+    uint64_t id, addr, index;
+    struct hybrid_stats h;
+    uint32_t i;
+
+    if (l->ntok != 4 || parse_u64(l->tok[1], &id) || parse_u64(l->tok[2], &addr) || parse_u64(l->tok[3], &index) ||
+        id > 0xffffffffu || addr % 64) {
+        ERR("expected: stats PROGID ADDR INDEX");
+        return -EINVAL;
+    }
+    if (hybrid_safe_copy(&h, (void *)(uintptr_t)addr, sizeof(h)) != 0 ||
+        memcmp(h.magic, HYBRID_STATS_MAGIC, 8) != 0 || h.nr_cpus == 0 || index >= h.nr_progs ||
+        h.plane < (uint64_t)h.nr_progs * sizeof(struct hybrid_stats_slot) || h.plane % 64) {
+        ERR("no stats area with slot %llu at 0x%llx", (unsigned long long)index, (unsigned long long)addr);
+        return -EINVAL;
+    }
+    for (i = tx->nprogs; i-- > 0;)
+        if (tx->progs[i].id == (uint32_t)id) {
+            tx->progs[i].stats = (struct hybrid_stats *)(uintptr_t)addr;
+            tx->progs[i].stats_index = (uint32_t)index;
+            return 0;
+        }
+    ERR("no prog line for program %llu before it", (unsigned long long)id);
+    return -ENOENT;
 }
 
 /* site / syssite + insn lines (+ mode int3).  Returns lines consumed or -errno. */
@@ -2283,6 +2344,7 @@ static int cmd_uprobe(struct txn *tx, struct line *l, char *err, size_t errlen)
     at->kind = A_UPROBE;
     at->cookie = cookie;
     at->entry = entry;
+    at->stats = lookup_stats(tx, (uint32_t)prog, &at->stats_index);
     at->site = s;
     at->where = strdup(s->where);
     s->pend[s->npend++] = at;
@@ -2338,6 +2400,7 @@ static int cmd_syscall(struct txn *tx, struct line *l, char *err, size_t errlen)
     at->event = (uint32_t)event;
     at->raw = raw;
     at->entry = entry;
+    at->stats = lookup_stats(tx, (uint32_t)prog, &at->stats_index);
     at->where = xstrdup_printf("nr=%d", at->nr);
     tx->sys_pend[enter][idx][tx->sys_npend[enter][idx]++] = at;
     return 0;
@@ -2507,12 +2570,16 @@ static int commit(struct txn *tx, char *err, size_t errlen)
         for (j = 0; j < nprogs; j++)
             if (progs[j].id == tx->progs[i].id) {
                 progs[j].entry = tx->progs[i].entry;
+                progs[j].stats = tx->progs[i].stats;
+                progs[j].stats_index = tx->progs[i].stats_index;
                 found = 1;
             }
         if (!found) {
             if (grow((void **)&progs, &capprogs, nprogs + 1, sizeof(*progs)))
                 continue;
             progs[nprogs].id = tx->progs[i].id;
+            progs[nprogs].stats = tx->progs[i].stats;
+            progs[nprogs].stats_index = tx->progs[i].stats_index;
             progs[nprogs++].entry = tx->progs[i].entry;
         }
         hybrid_prog_register(tx->progs[i].id, tx->progs[i].entry);
@@ -2630,6 +2697,8 @@ static int apply_locked(const char *spec, char *err, size_t errlen)
             rc = cmd_region(tx, l, msg, sizeof(msg));
         else if (strcmp(cmd, "prog") == 0)
             rc = cmd_prog(tx, l, msg, sizeof(msg));
+        else if (strcmp(cmd, "stats") == 0)
+            rc = cmd_stats(tx, l, msg, sizeof(msg));
         else if (strcmp(cmd, "site") == 0 || strcmp(cmd, "syssite") == 0) {
             int eline = l->no;
             const char *ecmd = cmd;
@@ -2683,19 +2752,41 @@ out:
 /* Public API                                                                */
 /* ------------------------------------------------------------------------- */
 
+/* While the agent works in a thread of the traced process (applying a spec), the probes it placed do not
+ * see its own libc calls (malloc, strtoull...): the thread counts as inside a probe (a hit runs nothing and
+ * is counted as missed), as if the agent were not there.  grace() skips this thread.  Returns whether it
+ * marked the thread (not when it already is inside a probe). */
+static int agent_busy_begin(void)
+{
+    struct thr *t = thr_get();
+
+    if (!t || (t->seq & 1))
+        return 0;
+    __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_SEQ_CST);
+    return 1;
+}
+
+static void agent_busy_end(int marked)
+{
+    if (marked)
+        probe_end(self);
+}
+
 int hybrid_agent_apply(const char *spec, char *err, uint64_t errlen)
 {
     char dummy[8];
-    int rc;
+    int rc, busy;
 
     if (!err || !errlen) {
         err = dummy;
         errlen = sizeof(dummy);
     }
     err[0] = 0;
+    busy = agent_busy_begin();
     pthread_mutex_lock(&ctl_lock);
     rc = apply_locked(spec, err, (size_t)errlen);
     pthread_mutex_unlock(&ctl_lock);
+    agent_busy_end(busy);
     return rc;
 }
 
@@ -2705,7 +2796,7 @@ int hybrid_agent_apply_file(const char *path)
     FILE *f;
     char *text = NULL;
     long size;
-    int rc, fd;
+    int rc, fd, busy = agent_busy_begin();
 
     snprintf(errpath, sizeof(errpath), "%s.err", path);
     f = fopen(path, "re");
@@ -2733,6 +2824,7 @@ int hybrid_agent_apply_file(const char *path)
         (void)w;
         close(fd);
     }
+    agent_busy_end(busy);
     return rc;
 }
 

@@ -229,7 +229,9 @@ class Region(Closable):
     """
 
     def __init__(self, specs: Sequence[MapSpec], *, name: str | None = None, memfd: bool = False,
-                 keep: bool = False, nr_cpus: int | None = None):
+                 keep: bool = False, nr_cpus: int | None = None, stats_progs: int = 0, stats_enabled: bool = False):
+        from hybrid.user import stats
+
         self.nr_cpus = nr_cpus or possible_cpus()
         specs = [s.resolved(self.nr_cpus) for s in specs]
         names = [s.name for s in specs]
@@ -237,6 +239,12 @@ class Region(Closable):
         if dup:
             raise MapError(E.EINVAL, sorted(dup)[0], "create", "two maps with the same name")
         offsets, total = self._layout(specs, self.nr_cpus)
+        # the programs' run counts (hybrid/user/stats.py) after the maps, on pages of their own
+        self.stats_offset = self.stats_size = 0
+        if stats_progs:
+            self.stats_offset = total
+            self.stats_size = stats.size(stats_progs, self.nr_cpus)
+            total += (self.stats_size + PAGE - 1) // PAGE * PAGE
         self.owner = True
         self._pid = os.getpid()
         self._bridge_ids: list[int] = []
@@ -267,6 +275,9 @@ class Region(Closable):
                                    "a map of maps needs an inner map template (MapSpec.inner)")
                 lib.hybrid_region_set_map(self._base, i, off)
                 maps.append((spec, mp))
+            if stats_progs:
+                stats.init(ffi.buffer(ffi.cast("char *", self._base) + self.stats_offset, self.stats_size),
+                           stats_progs, self.nr_cpus, stats_enabled)
             lib.hybrid_region_publish(self._base)
             self._bridge_ids = _bridge_attach(maps)
         except BaseException:
@@ -352,6 +363,7 @@ class Region(Closable):
             raise MapError(e.errno or E.EIO, None, "open region %s" % path, e.strerror) from None
         self.owner, self._pid, self._fd, self._unlink = False, os.getpid(), fd, False
         self.name, self.path = name_or_path, path
+        self.stats_offset = self.stats_size = 0  # known from the registry record, not the file
         self._bridge_ids = []
         try:
             total = os.fstat(fd).st_size

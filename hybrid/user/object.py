@@ -85,15 +85,20 @@ class BpfObject(Closable):
 
     def __init__(self, spec, *, region_name: str | None = None, keep_region: bool = False, kernel_side=None,
                  unavailable: Mapping[str, str] | None = None):
+        from hybrid import registry
         from hybrid.user.maps import Region
 
         self.spec = spec
         self.name = spec.name
+        self.path = None  # the ELF file (set by load())
         self._attachments = set()
         self.kernel_side = kernel_side
         self.unavailable = dict(unavailable or {})
+        nprogs = sum(1 for p in spec.programs if p.autoload)
         try:
-            self.region = Region(spec.maps, name=region_name, keep=keep_region) if spec.maps else None
+            # the region also holds the programs' run counts (hybrid/user/stats.py)
+            self.region = Region(spec.maps, name=region_name, keep=keep_region, stats_progs=nprogs,
+                                 stats_enabled=registry.stats_default()) if spec.maps or nprogs else None
         except MapError as e:  # say which object the map comes from
             raise MapError(e.errno, e.map, e.op, "%s, in object %r" % (e.detail or os.strerror(e.errno), spec.name)) \
                 from None
@@ -117,6 +122,7 @@ class BpfObject(Closable):
                     raise VerifierError("program %r (section %r): %s%s" % (pspec.name, pspec.section, e, detail),
                                         e.pc) from None
                 self.programs[pspec.name] = LoadedProgram(self, pspec, prog)
+                self.programs[pspec.name].stats_index = len(self.programs) - 1
             self._fill_prog_arrays()
         except BaseException:
             self.close()
@@ -124,13 +130,45 @@ class BpfObject(Closable):
         self._active: set[str] = set()
         self._lock = threading.Lock()
 
+    # --- inspection (hybrid/registry.py, hybrid/inspection.py) ------------------------------
+
+    def _publish(self) -> None:
+        """Write this object's registry record (what ``hybrid prog list`` and co. show)."""
+        from hybrid import registry
+
+        if getattr(self, "region", None) is not None or getattr(self, "kernel_side", None) is not None:
+            registry.publish(self)
+
+    def stats(self) -> dict:
+        """``{program name: ProgStats(runs, run_time_ns)}``: how often probes ran each program, in every
+        process, and for how long while run-time statistics are on (``run_time_ns`` None until they
+        were first turned on: ``set_stats(True)``, ``hybrid stats on``, or ``HYBRID_STATS=1`` at load)."""
+        from hybrid.user import stats
+        from hybrid.user.maps import ffi
+
+        region = self.region
+        if region is None or not region.stats_size:
+            return {}
+        buf = bytes(ffi.buffer(ffi.cast("char *", region.base + region.stats_offset), region.stats_size))
+        _enabled, rows = stats.parse(buf)
+        return {lp.name: rows[lp.stats_index] for lp in self.programs.values()}
+
+    def set_stats(self, on: bool) -> None:
+        """Measure the programs' run time (rdtsc around each run), or stop measuring it."""
+        from hybrid.user import stats
+
+        if self.region is not None and self.region.stats_size:
+            stats.set_enabled(self.region.path, self.region.stats_offset, on)
+
     # --- attaching (hybrid/user/attach/agent.py) ----------------------------------------
 
-    def attach(self, pid: int | None = None, *, programs=None, engine: str = "jit"):
+    def attach(self, pid: int | None = None, *, programs=None, engine: str = "jit", targets=None):
         """Attach the userspace programs (uprobe, uretprobe, usdt, syscall tracepoints).
 
         Without ``pid`` in this process (library mode, ``engine`` jit or
         aot); with ``pid`` in that running process (through ptrace, AOT code).
+        ``targets`` ({program: target}, a target like ``"uprobe//bin/prog:0x1139"``)
+        attaches those programs there instead of where their sections say.
         Returns an :class:`~hybrid.user.attach.agent.Attachment`; its
         ``detach()`` restores every patched byte.  Raises
         :class:`~hybrid.errors.AttachError` with nothing changed.
@@ -138,7 +176,8 @@ class BpfObject(Closable):
         from hybrid.user.attach.agent import attach
 
         self._check_available(programs)
-        att = attach(self, pid, programs=programs, engine=engine) if self._has_user_probes(programs) else None
+        att = attach(self, pid, programs=programs, engine=engine, targets=targets) \
+            if targets or self._has_user_probes(programs) else None
         if self.kernel_side is not None and programs is None:
             try:
                 links = self.kernel_side.attach(pid)
@@ -147,10 +186,14 @@ class BpfObject(Closable):
                     att.detach()
                 raise
             if att is None:
-                return KernelAttachment(self, pid, links)
+                att = KernelAttachment(self, pid, links)
+                self._attachments.add(att)
+                self._publish()
+                return att
             att.kernel_links = links
         elif att is None:  # nothing on either side: the agent's planner says why
-            return attach(self, pid, programs=programs, engine=engine)
+            return attach(self, pid, programs=programs, engine=engine, targets=targets)
+        self._publish()
         return att
 
     def launch(self, argv, *, programs=None, **popen_kw):
@@ -175,13 +218,16 @@ class BpfObject(Closable):
                 raise
             if launched.attachment is not None:
                 launched.attachment.kernel_links = links
+        self._publish()
         return launched
 
     def attach_kernel(self, pid: int | None = None) -> list:
         """Attach the kernel programs only (tracepoints once; kernel uprobes for ``pid``, all processes if None)."""
         if self.kernel_side is None:
             return []
-        return self.kernel_side.attach(pid)
+        links = self.kernel_side.attach(pid)
+        self._publish()
+        return links
 
     def _has_user_probes(self, programs) -> bool:
         from hybrid.user.attach.agent import userspace_kind
@@ -295,12 +341,15 @@ class BpfObject(Closable):
         Attachments in other processes are detached; their copy of the maps
         stays mapped there until they exit.
         """
+        from hybrid import registry
+
         errors = []
         for att in list(self._attachments):
             try:
                 att.detach()
             except Exception as e:  # noqa: BLE001 - close everything, then report
                 errors.append(e)
+        registry.withdraw(self)
         self._unregister()
         side, self.kernel_side = getattr(self, "kernel_side", None), None
         if side is not None:  # final mirror syncs and forwards, then links and the kernel object
@@ -343,6 +392,8 @@ class KernelAttachment(Closable):
             link.close()
             if side is not None and link in side.links:
                 side.links.remove(link)
+        self.object._attachments.discard(self)
+        self.object._publish()
 
     close = detach
 
@@ -413,6 +464,10 @@ def load(path: str | os.PathLike | bytes, *, values: Mapping[str, int | bytes] |
         kernel = False
     from hybrid.bridge.loader import load as load_both
 
-    return load_both(spec, os.fspath(path) if not isinstance(path, bytes) else None, kernel=kernel,
-                     mirror=mirror, share=share, pin_root=pin_root, region_name=region_name,
-                     keep_region=keep_region)
+    obj = load_both(spec, os.fspath(path) if not isinstance(path, bytes) else None, kernel=kernel,
+                    mirror=mirror, share=share, pin_root=pin_root, region_name=region_name,
+                    keep_region=keep_region)
+    if not isinstance(path, bytes):
+        obj.path = os.path.abspath(os.fspath(path))
+    obj._publish()
+    return obj

@@ -132,12 +132,12 @@ def _plan_function_window(lp, module: str, vaddr: int, func_start: int, func_siz
         raise _fail(lp, str(e)) from None
 
 
-def _plan_uprobe(plan: _Plan, res: _Resolver, lp, prog_id: int) -> None:
+def _plan_uprobe(plan: _Plan, res: _Resolver, lp, prog_id: int, target=None) -> None:
     import dataclasses
 
     from hybrid.user.attach import symbols
 
-    t = lp.attach_target
+    t = target or lp.attach_target
     module = res.binary(t.binary)
     try:
         loc = symbols.resolve_uprobe(dataclasses.replace(t, binary=module), res.pid)
@@ -157,10 +157,10 @@ def _plan_uprobe(plan: _Plan, res: _Resolver, lp, prog_id: int) -> None:
                                      "%s:%s (%#x)" % (os.path.basename(module), label, loc.vaddr)))
 
 
-def _plan_usdt(plan: _Plan, res: _Resolver, lp, prog_id: int, usdt_slots: dict) -> None:
+def _plan_usdt(plan: _Plan, res: _Resolver, lp, prog_id: int, usdt_slots: dict, target=None) -> None:
     from hybrid.user.attach import symbols, usdt, x86
 
-    t = lp.attach_target
+    t = target or lp.attach_target
     module = res.binary(t.binary)
     try:
         notes = [n for n in usdt.read_notes(module) if n.provider == t.provider and n.name == t.name]
@@ -223,11 +223,11 @@ def _plan_syscall_sites(plan: _Plan, res: _Resolver) -> None:
             _site_block(plan, site.window, module, head="syssite")
 
 
-def _plan_syscall(plan: _Plan, lp, prog_id: int) -> None:
+def _plan_syscall(plan: _Plan, lp, prog_id: int, target=None) -> None:
     from hybrid.user.attach import syscalls
     from hybrid.user.elf import RawTracepointTarget, TracepointTarget
 
-    t = lp.attach_target
+    t = target or lp.attach_target
     aid = _attach_id()
     if isinstance(t, TracepointTarget):
         direction, name = ("enter", t.name[len("sys_enter_"):]) if t.name.startswith("sys_enter_") else \
@@ -272,11 +272,11 @@ def _record_layout_problem(fields, direction: str) -> str | None:
     return None
 
 
-def userspace_kind(lp: "LoadedProgram") -> str | None:
-    """How ``lp`` runs in a traced process: uprobe, usdt, syscall; None if it cannot."""
+def userspace_kind(lp: "LoadedProgram", target=None) -> str | None:
+    """How ``lp`` runs in a traced process (at ``target`` if given): uprobe, usdt, syscall; None if it cannot."""
     from hybrid.user.elf import RawTracepointTarget, TracepointTarget, UprobeTarget, UsdtTarget
 
-    t = lp.attach_target
+    t = target or lp.attach_target
     if isinstance(t, UprobeTarget):
         return "uprobe"
     if isinstance(t, UsdtTarget):
@@ -289,7 +289,28 @@ def userspace_kind(lp: "LoadedProgram") -> str | None:
     return None
 
 
-def _select(obj: "BpfObject", programs: Iterable[str] | None) -> list["LoadedProgram"]:
+def _targets(obj: "BpfObject", targets) -> dict:
+    """``targets`` (program name -> an attach target or a section name such as
+    ``"uretprobe//bin/prog:0x1139"``) checked and parsed: name -> target."""
+    from hybrid.user.elf import parse_section_name
+
+    out = {}
+    for name, t in (targets or {}).items():
+        if name not in obj.programs:
+            raise AttachError("targets: object %r has no program %r (programs: %s)"
+                              % (obj.name, name, ", ".join(sorted(obj.programs)) or "none"))
+        if isinstance(t, str):
+            info = parse_section_name(t)
+            if info.attach is None:
+                raise AttachError("targets: %r for program %r: %s" % (t, name, info.attach_error
+                                                                       or "names no attach point"))
+            t = info.attach
+        out[name] = t
+    return out
+
+
+def _select(obj: "BpfObject", programs: Iterable[str] | None, targets: dict | None = None) -> list["LoadedProgram"]:
+    targets = targets or {}
     if programs is not None:
         chosen = []
         for name in programs:
@@ -297,15 +318,17 @@ def _select(obj: "BpfObject", programs: Iterable[str] | None) -> list["LoadedPro
                 raise AttachError("object %r has no program %r (programs: %s)"
                                   % (obj.name, name, ", ".join(sorted(obj.programs)) or "none"))
             lp = obj.programs[name]
-            if userspace_kind(lp) is None:
+            if (targets.get(name) or lp.attach_target) is None and lp.kind in ("uprobe", "uretprobe", "usdt"):
+                raise AttachError("%s has no attach target in its section name (give one with targets=)"
+                                  % _program_label(lp))
+            if userspace_kind(lp, targets.get(name)) is None:
                 raise AttachError("%s cannot run in a traced process: userspace runs uprobe, uretprobe, usdt, "
                                   "tracepoint/syscalls/sys_{enter,exit}_* and raw_tp/sys_{enter,exit} programs"
                                   % _program_label(lp))
-            if lp.attach_target is None:
-                raise AttachError("%s has no attach target in its section name" % _program_label(lp))
             chosen.append(lp)
         return chosen
-    chosen = [lp for lp in obj.programs.values() if userspace_kind(lp) is not None and lp.attach_target is not None]
+    chosen = [lp for lp in obj.programs.values() if userspace_kind(lp, targets.get(lp.name)) is not None
+              and (targets.get(lp.name) or lp.attach_target) is not None]
     if not chosen:
         missing = "".join("; %s" % why for why in getattr(obj, "unavailable", {}).values())
         raise AttachError("object %r has no program that runs in a traced process (sections: %s)%s"
@@ -314,22 +337,29 @@ def _select(obj: "BpfObject", programs: Iterable[str] | None) -> list["LoadedPro
     return chosen
 
 
-def plan(obj: "BpfObject", progs: Sequence["LoadedProgram"], res: _Resolver, prog_lines: dict[int, str]) -> _Plan:
-    """Every spec line for attaching ``progs``; raises AttachError before anything is touched."""
+def plan(obj: "BpfObject", progs: Sequence["LoadedProgram"], res: _Resolver, prog_lines: dict[int, str],
+         targets: dict | None = None) -> _Plan:
+    """Every spec line for attaching ``progs`` (at ``targets[name]`` where given, else where their sections
+    say); raises AttachError before anything is touched."""
+    targets = targets or {}
     p = _Plan()
     if obj.region is not None:
         p.setup.append("region %#x %#x %s" % (obj.region.base, obj.region.size, obj.region.path))
     p.setup.extend(prog_lines[lp.id] for lp in progs)
+    if obj.region is not None and getattr(obj.region, "stats_size", 0):  # run counts (hybrid/user/stats.py)
+        p.setup.extend("stats %d %#x %d" % (lp.id, obj.region.base + obj.region.stats_offset, lp.stats_index)
+                       for lp in progs)
     usdt_slots: dict = {}
     wants_syscalls = False
     for lp in progs:
-        kind = userspace_kind(lp)
+        t = targets.get(lp.name)
+        kind = userspace_kind(lp, t)
         if kind == "uprobe":
-            _plan_uprobe(p, res, lp, lp.id)
+            _plan_uprobe(p, res, lp, lp.id, t)
         elif kind == "usdt":
-            _plan_usdt(p, res, lp, lp.id, usdt_slots)
+            _plan_usdt(p, res, lp, lp.id, usdt_slots, t)
         else:
-            _plan_syscall(p, lp, lp.id)
+            _plan_syscall(p, lp, lp.id, t)
             wants_syscalls = True
     if wants_syscalls:
         _plan_syscall_sites(p, res)
@@ -465,8 +495,12 @@ class Attachment(Closable):
             return
         self.attached = False
         try:
-            if _alive(self.pid):
-                self._channel.apply("".join("detach %d\n" % p.id for p in self.placements))
+            from hybrid import registry
+
+            # links already removed from outside (hybrid detach --link / -p) are gone from the agent
+            text = "".join("detach %d\n" % p.id for p in self.placements if not registry.detached(self.pid, p.id))
+            if text and _alive(self.pid):
+                self._channel.apply(text)
         finally:
             side = getattr(self.object, "kernel_side", None)
             for link in self.kernel_links:
@@ -478,6 +512,7 @@ class Attachment(Closable):
                 # A thread may still be inside a program: keep the code alive.
                 self.object._keep_code = True
             self._cleanup()
+            getattr(self.object, "_publish", lambda: None)()  # the registry record (hybrid/registry.py)
 
     def _cleanup(self) -> None:
         wd, self._workdir = self._workdir, None
@@ -549,15 +584,20 @@ def _workdir() -> Path:
 
 
 def attach(obj: "BpfObject", pid: int | None = None, *, programs: Iterable[str] | None = None,
-           engine: str = "jit") -> Attachment:
-    """Attach ``obj``'s userspace programs in this process (``pid`` None) or in process ``pid``."""
-    progs = _select(obj, programs)
+           engine: str = "jit", targets: dict | None = None) -> Attachment:
+    """Attach ``obj``'s userspace programs in this process (``pid`` None) or in process ``pid``.
+
+    ``targets`` (program name -> attach target, or a section name such as ``"uprobe//bin/prog:0x1139"``)
+    attaches those programs there instead of where their sections say (a bare ``SEC("uprobe")`` program
+    at several places, one attach each)."""
+    targets = _targets(obj, targets)
+    progs = _select(obj, programs, targets)
     if pid is None or pid == os.getpid():
         if engine not in ("jit", "aot"):
             raise AttachError("engine %r cannot run attached programs: use jit or aot" % engine)
         exe = os.path.realpath("/proc/self/exe")
         res = _Resolver(None, exe)
-        p = plan(obj, progs, res, _self_prog_lines(progs, engine))
+        p = plan(obj, progs, res, _self_prog_lines(progs, engine), targets)
         ch = _SelfChannel()
         ch.apply(p.text())
         att = Attachment(obj, ch, p.placements, None, engine)
@@ -568,7 +608,7 @@ def attach(obj: "BpfObject", pid: int | None = None, *, programs: Iterable[str] 
     res = _Resolver(pid, exe)
     wd = _workdir()
     try:
-        p = plan(obj, progs, res, _aot_prog_lines(progs, wd))
+        p = plan(obj, progs, res, _aot_prog_lines(progs, wd), targets)
         if obj.region is not None:
             _share_with(pid, obj.region.path)
         _share_with(pid, wd, *wd.iterdir())
@@ -637,8 +677,9 @@ class Launched(Closable):
 
 
 def launch(obj: "BpfObject", argv: Sequence[str], *, programs: Iterable[str] | None = None,
-           env: dict | None = None, **popen_kw) -> Launched:
-    """Start ``argv`` with ``obj``'s userspace programs attached before ``main`` runs."""
+           env: dict | None = None, targets: dict | None = None, **popen_kw) -> Launched:
+    """Start ``argv`` with ``obj``'s userspace programs attached before ``main`` runs (``targets``: see
+    :func:`attach`)."""
     from hybrid.native import agent_path
 
     if not argv:
@@ -650,11 +691,12 @@ def launch(obj: "BpfObject", argv: Sequence[str], *, programs: Iterable[str] | N
     if _is_static(exe):
         raise AttachError("%s is statically linked: the agent can only be preloaded into dynamically linked "
                           "programs" % exe)
-    progs = _select(obj, programs)
+    targets = _targets(obj, targets)
+    progs = _select(obj, programs, targets)
     res = _Resolver(None, exe)
     wd = _workdir()
     try:
-        p = plan(obj, progs, res, _aot_prog_lines(progs, wd))
+        p = plan(obj, progs, res, _aot_prog_lines(progs, wd), targets)
         spec = wd / "spec.0"
         spec.write_text(p.text())
         environ = dict(os.environ if env is None else env)
