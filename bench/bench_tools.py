@@ -24,7 +24,9 @@ opensnoop       openat-other     the same loop in another process, untraced, whi
 ==============  ===============  ============================================================
 
 sides: ``untraced``; ``bcc`` (Debian's ``*-bpfcc``); ``port`` (``tools/bcc_ports/*.py``, in
-user mode: the probes inside the traced process); ``port-kernel`` (the port's ``--mode
+user mode: the probes inside the traced process); ``hybrid-bcc`` (funclatency: Debian's
+``funclatency-bpfcc`` itself, unmodified, under ``hybrid bcc``: its uprobes inside the
+traced process, see ``hybrid/compat/bcc.py``); ``port-kernel`` (the port's ``--mode
 kernel``: memleak's kernel uprobes in full runs, opensnoop's syscalls tracepoints, which
 stand for bcc's opensnoop when it does not run: it is tried, and its error kept as the
 benchmarks' ``hybrid_bcc_problem``).  A side that could not run has no benchmark; the
@@ -65,6 +67,7 @@ TOOLS = ("funclatency", "syscount", "memleak", "opensnoop")
 GOALS = {"funclatency": fl.GOAL, "memleak": sn.GOAL_MEMLEAK, "syscount": 1.0, "opensnoop": 1.0}
 CASE_OF = {"work": "lea", "work_push": "push", "getppid": "getppid"}
 USER_LABEL = "port (probes in the process)"
+HYBRID_BCC_LABEL = "bcc's tool under hybrid bcc (probes in the process)"
 
 
 @dataclass(frozen=True)
@@ -184,8 +187,11 @@ def measure_functions(sizes: Sizes, only: tuple[str, ...], output: str | None, q
         other = Case(c.tool, CASE_OF[c.workload] + "-other", dict(common, hybrid_first_insn=insn,
                                                                    hybrid_workload=c.workload)) if c.other else None
         sides = {"untraced": (n, None, False)}
-        for side, argv, calls in (("bcc", c.bcc, nb), ("port", c.port, n)):
-            why = _bcc_missing(argv[0]) if side == "bcc" else None
+        tools = [("bcc", c.bcc, nb), ("port", c.port, n)]
+        if c.hybrid_bcc:
+            tools.append(("hybrid-bcc", c.hybrid_bcc, n))
+        for side, argv, calls in tools:
+            why = _bcc_missing(c.bcc[0]) if side in ("bcc", "hybrid-bcc") else None
             if why:
                 case.fail(side, why)
             else:
@@ -316,6 +322,11 @@ class RowSpec:
     name: str
     base_case: str      # the case whose untraced benchmark is the baseline
     goal: float | None
+    user_side: str = "port"  # the side standing for userspace: the port, or bcc's tool under hybrid bcc
+
+    @property
+    def user_label(self) -> str:
+        return HYBRID_BCC_LABEL if self.user_side == "hybrid-bcc" else USER_LABEL
 
 
 ROW_SPECS = (
@@ -326,6 +337,10 @@ ROW_SPECS = (
     RowSpec("memleak", "alloc", "memleak: malloc+free pair", "alloc", GOALS["memleak"]),
     RowSpec("opensnoop", "openat", "opensnoop: openat", "openat", GOALS["opensnoop"]),
     RowSpec("opensnoop", "openat-other", "opensnoop: untraced process", "openat", None),
+    RowSpec("funclatency", "lea", "funclatency-bpfcc under `hybrid bcc`: function starting with `lea`", "lea",
+            GOALS["funclatency"], "hybrid-bcc"),
+    RowSpec("funclatency", "push", "funclatency-bpfcc under `hybrid bcc`: function starting with `push`", "push",
+            GOALS["funclatency"], "hybrid-bcc"),
 )
 
 
@@ -367,14 +382,15 @@ def _lines(json_path) -> list[Line]:
         if base is None and not any(k.startswith("%s/%s/" % (SUITE, spec.tool)) for k in by):
             continue  # that tool was not run (--only)
         kside, klabel = _kernel_side(spec, by)
-        kb, ub = by.get(bench_name(spec.tool, spec.case, kside)), by.get(bench_name(spec.tool, spec.case, "port"))
+        kb, ub = by.get(bench_name(spec.tool, spec.case, kside)), by.get(bench_name(spec.tool, spec.case,
+                                                                                    spec.user_side))
         bstat = Stat.of(base)
         kernel = Stat.of(kb, minus=bstat) if kb is not None and bstat is not None else None
         user = Stat.of(ub, minus=bstat) if ub is not None and bstat is not None else None
         why = []
         for side, stat in (("kernel", kernel), ("user", user)):
             if stat is None:
-                s = kside if side == "kernel" else "port"
+                s = kside if side == "kernel" else spec.user_side
                 why.append("%s side (%s): %s" % (side, s, "no untraced baseline" if bstat is None else
                                                  _md(base, "hybrid_missing_" + s, "not measured in this run")))
         notes = []
@@ -394,8 +410,11 @@ def _lines(json_path) -> list[Line]:
         bad = [b.get_name().split("/")[-1] for b in (kb, ub) if b is not None and not _md(b, "hybrid_check_ok", 0)]
         if bad:
             notes.append("**check FAILED** (%s)" % ", ".join(bad))
+        if spec.user_side == "hybrid-bcc":
+            notes.append("the same funclatency-bpfcc, unmodified, with its uprobe and uretprobe run in the "
+                         "process by `hybrid bcc`")
         row = Row(SUITE, spec.name, "ns added/call", kernel, user, reason="; ".join(why),
-                  kernel_label=klabel, user_label=USER_LABEL, note="; ".join(notes), goal=spec.goal,
+                  kernel_label=klabel, user_label=spec.user_label, note="; ".join(notes), goal=spec.goal,
                   no_ratio="the port runs nothing in this process: its value is noise"
                   if spec.case.endswith("-other") else "")
         out.append(Line(row, spec, base, kb, ub))
@@ -414,8 +433,9 @@ def failed_checks(json_path) -> list[str]:
 
 
 def missed_goals(json_path) -> list[str]:
-    out = ["%s/%s: %s %.0f, port %.0f ns added/call (%.1fx, goal %gx)"
-           % (SUITE, ln.row.name, ln.row.kernel_label.split(" (")[0], ln.row.kernel.median, ln.row.user.median,
+    out = ["%s/%s: %s %.0f, %s %.0f ns added/call (%.1fx, goal %gx)"
+           % (SUITE, ln.row.name, ln.row.kernel_label.split(" (")[0], ln.row.kernel.median,
+              "port" if ln.spec.user_side == "port" else "under hybrid bcc", ln.row.user.median,
               ln.row.ratio, ln.row.goal) for ln in _lines(json_path) if ln.row.goal_met is False]
     return out + ["%s/%s" % (SUITE, x) for x in failed_checks(json_path)]
 
@@ -442,16 +462,20 @@ def summarize(json_path) -> str:
         "",
         "A C workload times its own loop (CLOCK_MONOTONIC) with each tool attached to it (`-p PID`) before the "
         "loop starts: untraced, under Debian's `*-bpfcc` tool, and under the port (`tools/bcc_ports/*.py`, the "
-        "probes inside the process). **ns added/call** = (traced − untraced loop time) per call, median ± stdev "
+        "probes inside the process); for funclatency also under Debian's `funclatency-bpfcc` itself run by "
+        "`hybrid bcc` (its uprobes inside the process; the last two rows). The userspace column is the port's, "
+        "or bcc's tool's under `hybrid bcc` in those rows. "
+        "**ns added/call** = (traced − untraced loop time) per call, median ± stdev "
         "over the runs (a call: one function call, getppid, malloc+free pair or openat). Every tool's output "
         "is checked: exact counts, the leak reported (1,000 allocations of 100 bytes), every openat printed "
         "or counted lost. The \"untraced process\" rows: a second process runs the same loop, untraced, "
-        "while the tool traces the first. Goals (**kernel/port**, the time bcc adds over the port's): "
+        "while the tool traces the first. Goals (**kernel/userspace**, the time bcc adds over the userspace "
+        "side's): "
         "funclatency ≥ 100×, memleak ≥ 20×, syscount and opensnoop ≥ 1× (the port adds less)."
         + (" Quick run: few calls, one run each; noisy." if quick else ""),
         "",
-        "| what | kernel side | untraced ns/call | kernel added | port added | kernel/port | goal | calls | "
-        "check |",
+        "| what | kernel side | untraced ns/call | kernel added | userspace added | kernel/userspace | goal | "
+        "calls | check |",
         "|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for ln in lines_:

@@ -51,6 +51,7 @@ FUNCLATENCY_BCC = "/usr/sbin/funclatency-bpfcc"
 SYSCOUNT_BCC = "/usr/sbin/syscount-bpfcc"
 FUNCLATENCY_PORT = [PYTHON, str(ROOT / "tools" / "bcc_ports" / "funclatency.py")]
 SYSCOUNT_PORT = [PYTHON, str(ROOT / "tools" / "bcc_ports" / "syscount.py")]
+HYBRID_BCC = [PYTHON, "-m", "hybrid.cli", "bcc", "--"]  # bcc's own tool, its uprobes in the process
 GOAL = 100.0  # funclatency: the port should add >= 100x less time per call than bcc
 
 WORKLOAD_C = r"""
@@ -136,14 +137,17 @@ class Case:
     port: list[str]
     count: Callable[[str], int]  # the number of events the tool's output reports
     other: bool = False     # also time an untraced process while the tool is attached
+    hybrid_bcc: list[str] | None = None  # the bcc tool unmodified under `hybrid bcc` (probes in the process)
 
 
 def cases(exe: str) -> list[Case]:
     return [
         Case("work", "funclatency", [FUNCLATENCY_BCC, "-p", "PID", exe + ":work"],
-             FUNCLATENCY_PORT + ["-p", "PID", exe + ":work"], funclatency_count),
+             FUNCLATENCY_PORT + ["-p", "PID", exe + ":work"], funclatency_count,
+             hybrid_bcc=HYBRID_BCC + [FUNCLATENCY_BCC, "-p", "PID", exe + ":work"]),
         Case("work_push", "funclatency", [FUNCLATENCY_BCC, "-p", "PID", exe + ":work_push"],
-             FUNCLATENCY_PORT + ["-p", "PID", exe + ":work_push"], funclatency_count),
+             FUNCLATENCY_PORT + ["-p", "PID", exe + ":work_push"], funclatency_count,
+             hybrid_bcc=HYBRID_BCC + [FUNCLATENCY_BCC, "-p", "PID", exe + ":work_push"]),
         Case("getppid", "syscount", [SYSCOUNT_BCC, "-p", "PID"], SYSCOUNT_PORT + ["-p", "PID"], syscount_count,
              other=True),
     ]

@@ -48,17 +48,21 @@ def test_quick_run_has_every_row_with_both_sides_or_a_reason(quick_json):
     assert report.check_rows(rows) == []
     for r in rows:
         assert r.suite == "tools" and r.unit == "ns added/call"
-        assert r.user is not None, "%s: the port did not run: %s" % (r.name, r.reason)
+        assert r.user is not None, "%s: the userspace side did not run: %s" % (r.name, r.reason)
         assert r.kernel is not None or r.reason, r.name
-        assert r.user_label == "port (probes in the process)"
+        assert r.user_label == ("bcc's tool under hybrid bcc (probes in the process)" if "hybrid bcc" in r.name
+                                else "port (probes in the process)")
     by = {r.name: r for r in rows}
     assert by["funclatency: function starting with `lea`"].goal == 100
     assert by["memleak: malloc+free pair"].goal == 20
     assert by["syscount: getppid"].goal == by["opensnoop: openat"].goal == 1
     assert by["syscount: untraced process"].goal is None
-    for name in ROWS[:5]:
+    for name in ROWS[:5] + ROWS[-2:]:
         assert by[name].kernel_label.startswith("bcc 0.26"), by[name].kernel_label
         assert by[name].kernel is not None, by[name].reason
+    assert ROWS[-2:] == ["funclatency-bpfcc under `hybrid bcc`: function starting with `lea`",
+                         "funclatency-bpfcc under `hybrid bcc`: function starting with `push`"]
+    assert by[ROWS[-2]].goal == 100
     # bcc's opensnoop was tried: either it ran (the kernel side is bcc) or its failure is quoted
     k = by["opensnoop: openat"].kernel_label
     assert k.startswith("bcc ") or k.startswith("kernel tracepoints (port --mode kernel): opensnoop-bpfcc does not "
@@ -73,7 +77,7 @@ def test_quick_run_checks_every_tools_output(quick_json):
     names = {b.get_name() for b in benches}
     for tool, case in (("funclatency", "lea"), ("funclatency", "push"), ("syscount", "getppid"),
                        ("memleak", "alloc"), ("opensnoop", "openat")):
-        for side in ("untraced", "port"):
+        for side in ("untraced", "port") + (("hybrid-bcc",) if tool == "funclatency" else ()):
             assert bench_tools.bench_name(tool, case, side) in names
     for b in benches:
         md = b.get_metadata()
@@ -81,9 +85,12 @@ def test_quick_run_checks_every_tools_output(quick_json):
         assert md["hybrid_check_ok"] == 1, (b.get_name(), md["hybrid_check"])
         if md["hybrid_side"] == "port":
             assert md["hybrid_command"].startswith("python tools/bcc_ports/")
+        if md["hybrid_side"] == "hybrid-bcc":
+            assert md["hybrid_command"].startswith("python -m hybrid.cli bcc -- /usr/sbin/funclatency-bpfcc -p ")
     assert bench_tools.failed_checks(quick_json) == []
     md = {b.get_name(): b.get_metadata() for b in benches}
     assert md["tools/funclatency/lea/bcc"]["hybrid_check"] == "count 100000 of 100000"
+    assert md["tools/funclatency/lea/hybrid-bcc"]["hybrid_check"] == "count 1000000 of 1000000"
     assert md["tools/memleak/alloc/port"]["hybrid_check"] == "leak reported"
 
 
