@@ -156,11 +156,11 @@ def _forward_args(cmd: list[str], args) -> None:
 def main() -> None:
     import harness
 
-    quick = harness.take_quick()
-    processes, values, min_time = QUICK if quick else FULL
-    runner = harness.make_runner(quick, processes=processes, values=values, min_time=min_time,
-                                 add_cmdline_args=_forward_args)
-    runner.argparser.description = "Bridge access: kernel maps from a userspace program vs userspace maps"
+    runner, quick = harness.suite_runner(
+        FULL,
+        QUICK,
+        add_cmdline_args=_forward_args,
+        description="Bridge access: kernel maps from a userspace program vs userspace maps")
     runner.argparser.add_argument("--object", default=None, help="the compiled bridge.bpf.o (default: build it)")
     args = runner.parse_args()
     if not args.worker:

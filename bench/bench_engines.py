@@ -336,11 +336,7 @@ def main() -> None:
 
     import harness
 
-    quick = harness.take_quick()
-    processes, values, min_time = QUICK if quick else FULL
-    runner = harness.make_runner(quick, processes=processes, values=values, min_time=min_time,
-                                 add_cmdline_args=_forward_args)
-    runner.after_each = release_subjects
+    runner, quick = harness.suite_runner(FULL, QUICK, add_cmdline_args=_forward_args, release=release_subjects)
     runner.argparser.description = ("Compute programs on the kernel (test run), hybrid's JIT, AOT and "
                                     "interpreter, and gcc -O2; and their build times")
     runner.argparser.add_argument("--programs", default=",".join(ep.PROGRAMS),

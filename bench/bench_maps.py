@@ -259,12 +259,12 @@ def main() -> None:
 
     import harness
 
-    quick = harness.take_quick()
-    processes, values, min_time = QUICK if quick else FULL
-    runner = harness.make_runner(quick, processes=processes, values=values, min_time=min_time,
-                                 add_cmdline_args=_forward_args)
-    runner.after_each = release_subjects
-    runner.argparser.description = "Map operations: hybrid's JIT/AOT against the kernel (BPF_PROG_TEST_RUN)"
+    runner, quick = harness.suite_runner(
+        FULL,
+        QUICK,
+        add_cmdline_args=_forward_args,
+        release=release_subjects,
+        description="Map operations: hybrid's JIT/AOT against the kernel (BPF_PROG_TEST_RUN)")
     runner.argparser.add_argument("--sides", default=",".join(SIDES),
                                   help="comma-separated sides among %s (default: all)" % ",".join(SIDES))
     runner.argparser.add_argument("--object", default=None,

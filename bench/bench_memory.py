@@ -501,12 +501,12 @@ def _missing_arg(text: str) -> tuple[str, str]:
 def main() -> None:
     import harness
 
-    quick = harness.take_quick()
-    processes, values, min_time = QUICK if quick else FULL
-    runner = harness.make_runner(quick, processes=processes, values=values, min_time=min_time,
-                                 add_cmdline_args=_forward_args)
-    runner.after_each = release_subjects
-    runner.argparser.description = "bpf_probe_read_user / bpf_probe_write_user: kernel uprobes against hybrid"
+    runner, quick = harness.suite_runner(
+        FULL,
+        QUICK,
+        add_cmdline_args=_forward_args,
+        release=release_subjects,
+        description="bpf_probe_read_user / bpf_probe_write_user: kernel uprobes against hybrid")
     runner.argparser.add_argument("--calls", type=int, default=CALLS[quick],
                                   help="victim calls per buf_loop (default %d; the ×1000 rows: / %d)"
                                   % (CALLS[quick], WORDS_DIVISOR))

@@ -192,12 +192,12 @@ def _forward_args(cmd: list[str], args) -> None:
 def main() -> None:
     import harness
 
-    quick = harness.take_quick()
-    processes, values, min_time = QUICK if quick else FULL
-    runner = harness.make_runner(quick, processes=processes, values=values, min_time=min_time,
-                                 add_cmdline_args=_forward_args)
-    runner.after_each = release_subjects
-    runner.argparser.description = "Probe hits: kernel uprobes against hybrid's in-process probes"
+    runner, quick = harness.suite_runner(
+        FULL,
+        QUICK,
+        add_cmdline_args=_forward_args,
+        release=release_subjects,
+        description="Probe hits: kernel uprobes against hybrid's in-process probes")
     runner.argparser.add_argument("--sides", default=",".join(SIDES),
                                   help="comma-separated sides among %s (default: all)" % ",".join(SIDES))
     runner.argparser.add_argument("--calls", type=int, default=CALLS[quick],

@@ -276,11 +276,7 @@ def _forward_args(cmd: list[str], args) -> None:
 
 
 def main() -> None:
-    quick = harness.take_quick()
-    processes, values, min_time = QUICK if quick else FULL
-    runner = harness.make_runner(quick, processes=processes, values=values, min_time=min_time,
-                                 add_cmdline_args=_forward_args)
-    runner.after_each = release_subjects
+    runner, quick = harness.suite_runner(FULL, QUICK, add_cmdline_args=_forward_args, release=release_subjects)
     atexit.register(release_subjects)
     ap = runner.argparser
     ap.description = "Syscall probes: kernel tracepoints against hybrid's libc hooks, traced and untraced process"

@@ -45,6 +45,24 @@ def make_runner(quick: bool, *, processes: int, values: int, min_time: float,
                          add_cmdline_args=add_cmdline_args)
 
 
+def suite_runner(full: tuple, quick_settings: tuple, *, add_cmdline_args: Callable | None = None,
+                 release: Callable[[], None] | None = None, description: str = ""):
+    """What every suite's ``main`` starts with: ``(runner, quick)``.
+
+    ``full`` / ``quick_settings`` are (processes, values, min_time); ``release`` closes the suite's cached
+    subjects between benchmarks in quick mode (pyperf's own runner ignores it).
+    """
+    quick = take_quick()
+    processes, values, min_time = quick_settings if quick else full
+    runner = make_runner(quick, processes=processes, values=values, min_time=min_time,
+                         add_cmdline_args=add_cmdline_args)
+    if release is not None:
+        runner.after_each = release
+    if description:
+        runner.argparser.description = description
+    return runner, quick
+
+
 class InProcessRunner:
     """pyperf.Runner's interface, every benchmark run in this process (quick mode)."""
 

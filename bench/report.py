@@ -100,7 +100,8 @@ def check_rows(rows: list[Row]) -> list[str]:
     bad = ["%s/%s: %s side missing, no reason" % (r.suite, r.name, "kernel" if r.kernel is None else "user")
            for r in rows if (r.kernel is None or r.user is None) and not r.reason.strip()]
     bad += ["%s/%s: both sides measured, no ratio, no reason" % (r.suite, r.name) for r in rows
-            if r.kernel is not None and r.user is not None and r.ratio is None and not r.no_ratio]
+            if r.kernel is not None and r.user is not None and r.ratio is None and not r.no_ratio
+            and r.user.median > 0]
     return bad
 
 
@@ -145,6 +146,8 @@ def markdown(rows: list[Row], machine: str = "", title: str = "Kernel vs userspa
             notes.append(r.reason)
         elif r.no_ratio and r.kernel is not None and r.user is not None:
             notes.append("no ratio: " + r.no_ratio)
+        elif r.kernel is not None and r.user is not None and r.user.median <= 0:
+            notes.append("no ratio: the userspace side is below this run's noise (≤ 0)")
         if r.goal is not None:
             met = r.goal_met
             notes.append("goal ≥ %g×: %s" % (r.goal, "met" if met else "**MISSED**" if met is False else "not checked"))

@@ -120,3 +120,10 @@ def test_report_only_renders_the_existing_results(quick):
     table = lambda md: [line for line in md.split("\n\n# ", 1)[0].splitlines() if line.startswith("| ")]  # noqa: E731
     after = (out / "summary.md").read_text()
     assert table(after) == table(before)  # the same rows from the same JSON
+
+
+def test_a_userspace_side_below_the_noise_has_no_ratio_and_says_so():
+    rows = [report.Row("s", "x", "ns", report.Stat(100.0), report.Stat(-3.0, 20.0, 3))]
+    assert rows[0].ratio is None and report.check_rows(rows) == []
+    line = [ln for ln in report.markdown(rows).splitlines() if ln.startswith("| s |")][0]
+    assert "| — |" in line and "no ratio: the userspace side is below this run's noise" in line
