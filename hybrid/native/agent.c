@@ -2268,7 +2268,7 @@ static int cmd_site(struct txn *tx, struct line *lines, int nlines, int at, int 
     }
 touch:
     if (sys) {
-        /* syscall sites are patched by their line (and stay patched) */
+        /* syscall sites are patched by their line, and restored when the last syscall attachment goes */
         if (touch_site(tx, s))
             return -ENOMEM;
         if (!s->txline)
@@ -2514,6 +2514,24 @@ static void txn_abort(struct txn *tx, int committed_arrays)
         grace_and_free(1.0);
 }
 
+/* Whether this transaction removes the last syscall attachment (of every number, both directions):
+ * then the syscall sites are restored.  Their trampolines stay (a thread blocked in a syscall
+ * there returns through it, back after the window), and a later syssite line patches them again. */
+static int sys_last_removed(const struct txn *tx)
+{
+    int e, k, touched = 0;
+
+    for (e = 0; e < 2; e++)
+        for (k = 0; k <= NR_SYSCALLS; k++) {
+            const struct att_array *a = sys_pub[e][k];
+
+            touched |= tx->sys_touched[e][k];
+            if (tx->sys_touched[e][k] ? tx->sys_npend[e][k] : (a ? a->n : 0))
+                return 0;
+        }
+    return touched;
+}
+
 static int commit(struct txn *tx, char *err, size_t errlen)
 {
     uint32_t i;
@@ -2561,6 +2579,13 @@ static int commit(struct txn *tx, char *err, size_t errlen)
             unpatch(s);
         retire(s->old);
         s->touched = 0;
+    }
+    if (sys_last_removed(tx)) {
+        struct site *s;
+
+        for (s = all_sites; s; s = s->next)
+            if (s->sys && s->patched)
+                unpatch(s);
     }
     /* programs (tail call table) */
     for (i = 0; i < tx->nprogs; i++) {

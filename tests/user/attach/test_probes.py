@@ -321,16 +321,32 @@ def test_attach_running_process_and_detach(bpf_build, workload, interactive):
     assert interactive.p.poll() is None  # the target lives on
 
 
+def _libc_of(pid: int) -> str:
+    with open("/proc/%d/maps" % pid) as f:
+        return next(line.split()[-1] for line in f if "/libc.so" in line or "/libc-" in line)
+
+
 def test_attach_running_process_syscalls_and_usdt(bpf_build, workload, interactive):
+    pid = interactive.p.pid
+    libc = _libc_of(pid)
+    pristine = _code_of(pid, libc, "getppid", 32)
     with hybrid.load(build(bpf_build, "mix_pid", USDT + SYSCALLS, exe=workload, ppid=os.getpid())) as obj:
-        att = obj.attach(interactive.p.pid)
+        att = obj.attach(pid)
+        assert _code_of(pid, libc, "getppid", 32) != pristine  # libc's syscall site is hooked
         res = interactive.run("all", 2, 3000)
         c = counts(obj)
         att.detach()
         assert res["usdt"] == c[10] == 6000
         assert c[13] == c[15] == c[17] == res["sys"] == 12_000
+        # the last syscall probe gone, libc's syscall sites are restored: the process pays nothing more
+        assert _code_of(pid, libc, "getppid", 32) == pristine
         interactive.run("all", 1, 100)
-        assert counts(obj)[10] == 6000
+        assert counts(obj)[10] == 6000 and counts(obj)[13] == 12_000
+        att = obj.attach(pid)  # and hooked again by the next attach
+        assert _code_of(pid, libc, "getppid", 32) != pristine
+        res = interactive.run("all", 1, 100)
+        att.detach()
+        assert counts(obj)[13] == 12_000 + res["sys"] and _code_of(pid, libc, "getppid", 32) == pristine
 
 
 # --- bad input: clear errors, target untouched -------------------------------------------------
