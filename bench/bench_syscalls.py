@@ -49,11 +49,12 @@ is really attached there).  hybrid's in-process hook is checked to patch
 this process's getppid (traced rows) and to leave it alone (every other
 benchmark).
 
-hybrid's ``detach`` leaves libc's syscall sites hooked (the agent never
-unpatches a ``syssite``; an empty dispatch costs ~80 ns per syscall here),
-so a process that ran a hybrid traced row is not a clean baseline any more:
-those rows run last (:data:`ORDER`, for ``--quick``, where every benchmark
-runs in one process) and the parent's preflight runs in a subprocess.
+hybrid's ``detach`` restores libc's syscall sites once the last syscall
+probe is gone (before that, an empty dispatch costs ~80 ns per syscall), and
+each benchmark checks that libc is untouched where it should be.  As a
+precaution the hybrid traced rows still run last (:data:`ORDER`, for
+``--quick``, where every benchmark runs in one process), and the parent's
+preflight runs in a subprocess.
 
 Module functions (importing runs nothing): :func:`rows`, :func:`summarize`,
 :func:`missed_goals`.
