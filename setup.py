@@ -1,7 +1,8 @@
 """Only here because cffi's ``cffi_modules`` needs a setup.py; all metadata is in pyproject.toml.
 
-Two native products: the cffi module hybrid._native (cffi_modules) and the standalone probe agent
-hybrid/libhybrid_agent*.so (a plain shared library of the same C sources, see _build.agent_extension).
+Three native products: the cffi module hybrid._native (cffi_modules), the standalone probe agent
+hybrid/libhybrid_agent*.so (a plain shared library of the same C sources, see _build.agent_extension)
+and the interposer hybrid/libhybrid_preload*.so that `hybrid load` preloads (_build.preload_extension).
 """
 
 import importlib.util
@@ -23,13 +24,13 @@ class _BuildExt(build_ext):
     """The agent is no Python module: export no PyInit_ symbol."""
 
     def get_export_symbols(self, ext):
-        if ext.name == "hybrid.libhybrid_agent":
+        if ext.name in ("hybrid.libhybrid_agent", "hybrid.libhybrid_preload"):
             return []
         return super().get_export_symbols(ext)
 
 
 setup(
     cffi_modules=["hybrid/native/_build.py:ffibuilder"],
-    ext_modules=[_load_build().agent_extension()],
+    ext_modules=[_load_build().agent_extension(), _load_build().preload_extension()],
     cmdclass={"build_ext": _BuildExt},
 )

@@ -142,6 +142,49 @@ def _bcc(args: argparse.Namespace) -> int:
     return 2
 
 
+def _load(args: argparse.Namespace) -> int:
+    """``hybrid load -- LOADER ARGS``: an unmodified libbpf program, its uprobes/USDT/syscall probes in userspace."""
+    from hybrid.compat.load import run_loader
+
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    return run_loader(command, kernel=args.kernel, verbose=args.verbose)
+
+
+def _host_run(command: list[str], verbose: bool) -> int:
+    """``hybrid run -- CMD`` (no object): CMD runs the agent, and `hybrid load` sessions' probes reach it."""
+    from hybrid.compat.load import run_host
+
+    return run_host(command, verbose=verbose)
+
+
+def _host_run_argv(argv: list[str]) -> tuple[list[str], bool] | None:
+    """``run [-v] -- CMD ARGS`` (no object before ``--``): the command and -v; None for anything else."""
+    if not argv or argv[0] != "run":
+        return None
+    rest, verbose = argv[1:], False
+    while rest and rest[0] in ("-v", "--verbose"):
+        rest, verbose = rest[1:], True
+    return (rest[1:], verbose) if rest and rest[0] == "--" else None
+
+
+def _attach_host(args: argparse.Namespace) -> int:
+    """``hybrid attach -p PID`` (no object): the process takes the probes of `hybrid load` sessions."""
+    from hybrid import registry
+    from hybrid.compat.load import announce_host
+    from hybrid.user.attach.agent import _check_pid
+
+    _check_pid(args.pid)
+    registry.add_host(args.pid)
+    problems = announce_host(args.pid)
+    for p in problems:
+        print("hybrid attach: %s" % p, file=sys.stderr)
+    print("hybrid: process %d takes the probes of hybrid load sessions (hybrid detach -p %d removes them)"
+          % (args.pid, args.pid), file=sys.stderr)
+    return 1 if problems else 0
+
+
 def _features(args: argparse.Namespace) -> int:
     import json
 
@@ -185,6 +228,8 @@ def _attach_run(args: argparse.Namespace) -> int:
 def _attach_pid(args: argparse.Namespace) -> int:
     import time
 
+    if args.object is None:
+        return _attach_host(args)
     with _load_for_attach(args) as obj:
         _note_skipped(obj, args.prog)
         att = obj.attach(args.pid, programs=args.prog or None)
@@ -315,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_stats)
 
     run = sub.add_parser("run", help="run a command with an object's userspace probes attached from its start",
-                         usage="hybrid run [-h] [--prog NAME] [-q] [-v] OBJ -- CMD [ARGS...]",
+                         usage="hybrid run [-h] [--prog NAME] [-q] [-v] OBJ -- CMD [ARGS...]\n"
+                               "       hybrid run [-v] -- CMD [ARGS...]   (the agent only: hybrid load's probes reach it)",
                          epilog="example: hybrid run count.bpf.o -- ./server --port 8080")
     run.add_argument("object", help="clang-compiled eBPF object (uprobe/uretprobe/usdt/syscall programs)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
@@ -327,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     at = sub.add_parser("attach", help="attach an object's userspace probes to a running process",
                         epilog="example: hybrid attach count.bpf.o -p 1234   (Ctrl-C detaches)")
-    at.add_argument("object", help="clang-compiled eBPF object")
+    at.add_argument("object", nargs="?", help="clang-compiled eBPF object (none: the process takes the probes of "
+                                                "hybrid load sessions)")
     at.add_argument("-p", "--pid", type=int, required=True, help="the process to trace")
     at.add_argument("--prog", action="append", help="attach only this program (repeatable)")
     at.add_argument("-d", "--duration", type=float, help="detach after this many seconds (default: at Ctrl-C)")
@@ -360,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("cmd", nargs=argparse.REMAINDER, help="the tool (searched in PATH) and its arguments, after --")
     bc.set_defaults(func=_bcc)
 
+    lo = sub.add_parser("load", help="run an unmodified libbpf program with its uprobes, USDT and syscall probes "
+                                     "in the traced processes",
+                        usage="hybrid load [--kernel] [-v] -- LOADER [ARGS...]",
+                        epilog="example: hybrid run -- ./server &  hybrid load -- ./uprobe_tool -p $!")
+    lo.add_argument("--kernel", action="store_true", help="run the loader as it is, every probe in the kernel")
+    lo.add_argument("-v", "--verbose", action="store_true", help="say where each probe runs")
+    lo.add_argument("cmd", nargs=argparse.REMAINDER, help="the loader and its arguments, after --")
+    lo.set_defaults(func=_load)
+
     fe = sub.add_parser("features", help="what the running kernel can do (kprobes, fentry, ring buffers...)")
     fe.add_argument("--json", action="store_true", help="print JSON")
     fe.set_defaults(func=_features)
@@ -375,8 +431,11 @@ def _placement_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    host = _host_run_argv(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser().parse_args(argv) if host is None else None
     try:
+        if host is not None:
+            return _host_run(*host)
         return args.func(args)
     except HybridError as e:
         print("hybrid: %s: %s" % (type(e).__name__, e), file=sys.stderr)

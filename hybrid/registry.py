@@ -432,3 +432,76 @@ def _prune_markers(d: Path, live: list) -> None:
         if key not in wanted:  # its controller detached it (or is gone): the marker has done its work
             with contextlib.suppress(OSError):
                 m.unlink()
+
+
+# --- agent hosts and `hybrid load` sessions ----------------------------------------------------
+#
+# ``host.<pid>.json``: a process that runs hybrid's agent for whoever attaches (``hybrid run -- CMD``,
+# ``hybrid attach -p PID`` without an object): `hybrid load` sessions attach their probes there.
+# ``load.<pid>.json``: a `hybrid load` controller and its socket, told about hosts as they start.
+# Both are pruned when their process is gone.  Without a registry (HYBRID_RUN_DIR=off) there are
+# no hosts: `hybrid load` then attaches only in the processes its loader names (a uprobe's pid).
+
+
+def _put(kind: str, pid: int, rec: dict) -> None:
+    d = _ensure_dir()
+    if d is None:
+        return
+    rec = dict(rec, pid=pid, start_time=start_time(pid))
+    try:
+        _write_atomic(d / ("%s.%d.json" % (kind, pid)), json.dumps(rec))
+    except OSError as e:
+        log.debug("registry %s: %s", d, e)
+
+
+def _drop(kind: str, pid: int) -> None:
+    d = run_dir()
+    if d is not None:
+        with contextlib.suppress(OSError):
+            (d / ("%s.%d.json" % (kind, pid))).unlink()
+
+
+def _live(kind: str) -> list[dict]:
+    d = run_dir()
+    out = []
+    if d is None or not d.is_dir():
+        return out
+    for path in sorted(d.glob("%s.*.json" % kind)):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if alive(rec.get("pid"), rec.get("start_time")):
+            out.append(rec)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return out
+
+
+def add_host(pid: int, controller: int | None = None) -> None:
+    """Process ``pid`` runs the agent and takes the probes of `hybrid load` sessions."""
+    _put("host", pid, {"controller": controller or os.getpid()})
+
+
+def remove_host(pid: int) -> None:
+    _drop("host", pid)
+
+
+def hosts() -> list[int]:
+    """The live agent hosts' pids."""
+    return [rec["pid"] for rec in _live("host")]
+
+
+def add_session(sock: str) -> None:
+    """This process is a `hybrid load` controller listening on ``sock``."""
+    _put("load", os.getpid(), {"sock": sock})
+
+
+def remove_session() -> None:
+    _drop("load", os.getpid())
+
+
+def sessions() -> list[dict]:
+    """Live `hybrid load` controllers: ``{"pid", "sock", ...}``."""
+    return _live("load")

@@ -87,10 +87,10 @@ inputs_hash() {
     {
         cat "$VENV/pyvenv.cfg"
         cat pyproject.toml setup.py
-        find hybrid/native -maxdepth 1 -type f \( -name '*.c' -o -name '*.h' -o -name '*.py' \) | LC_ALL=C sort | xargs cat
+        find hybrid/native -maxdepth 2 -type f \( -name '*.c' -o -name '*.h' -o -name '*.py' \) | LC_ALL=C sort | xargs cat
     } | sha256sum | cut -d' ' -f1
 }
-native_built() { compgen -G 'hybrid/_native*.so' >/dev/null; }
+native_built() { compgen -G 'hybrid/_native*.so' >/dev/null && compgen -G 'hybrid/libhybrid_preload*.so' >/dev/null; }
 
 want=$(inputs_hash)
 have=$(cat "$STAMP" 2>/dev/null || true)

@@ -67,6 +67,19 @@ def agent_extension():
     )
 
 
+def preload_extension():
+    """``hybrid/libhybrid_preload*.so``: the interposer ``hybrid load`` preloads into libbpf programs
+    (preload/preload.c, alone: it dlopens the agent for the map code)."""
+    from setuptools import Extension
+
+    return Extension(
+        "hybrid.libhybrid_preload",
+        sources=[_rel(os.path.join(_HERE, "preload", "preload.c"))],
+        libraries=["dl", "pthread"],
+        extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration", "-fvisibility=default"],
+    )
+
+
 def build_agent(outdir: str, verbose: bool = False) -> str:
     """Build the standalone agent with the C compiler directly; returns the path of the .so."""
     import subprocess

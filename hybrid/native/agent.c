@@ -2980,9 +2980,27 @@ int hybrid_agent_sync(int timeout_ms)
 __attribute__((constructor)) static void agent_main(void)
 {
     const char *spec = getenv("HYBRID_AGENT_SPEC");
+    const char *hold = getenv("HYBRID_AGENT_HOLD");
     char path[4096];
     int rc;
 
+    if (hold && *hold) {
+        /* `hybrid run -- CMD`: wait before main until the controllers of running `hybrid load`
+         * sessions have attached their probes here (they write a byte to this fifo). */
+        char c;
+        int fd;
+
+        snprintf(path, sizeof(path), "%s", hold);
+        unsetenv("HYBRID_AGENT_HOLD");
+        do
+            fd = open(path, O_RDONLY | O_CLOEXEC);
+        while (fd < 0 && errno == EINTR);
+        if (fd >= 0) {
+            while (read(fd, &c, 1) < 0 && errno == EINTR)
+                ;
+            close(fd);
+        }
+    }
     if (!spec || !*spec)
         return;
     snprintf(path, sizeof(path), "%s", spec);

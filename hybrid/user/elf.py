@@ -117,6 +117,8 @@ class UprobeTarget:
     func: str | None
     offset: int = 0
     retprobe: bool = False
+    cookie: int = 0  # bpf_get_attach_cookie() (a libbpf attach's bpf_cookie; never from a section name)
+    ref_ctr_offset: int = 0  # file offset of a USDT semaphore to count while attached (0: none)
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,13 @@ def _plan_uprobe(plan: _Plan, res: _Resolver, lp, prog_id: int, target=None) -> 
     _site_block(plan, window, module)
     aid = _attach_id()
     flags = (RETURN if t.retprobe else 0) | (ENTRY if loc.func_entry else 0)
-    plan.attach.append("uprobe %d %d %s %#x 0 %d" % (aid, prog_id, module, loc.vaddr, flags))
+    plan.attach.append("uprobe %d %d %s %#x %d %d" % (aid, prog_id, module, loc.vaddr, t.cookie, flags))
+    if t.ref_ctr_offset:
+        try:
+            sema = symbols.offset_to_vaddr(module, t.ref_ctr_offset)
+        except HybridError as e:
+            raise _fail(lp, "semaphore at file offset %#x: %s" % (t.ref_ctr_offset, e)) from None
+        plan.attach.append("sema %d %s %#x" % (aid, module, sema))
     plan.placements.append(Placement(aid, lp.name, "uretprobe" if t.retprobe else "uprobe",
                                      "%s:%s (%#x)" % (os.path.basename(module), label, loc.vaddr)))
 
