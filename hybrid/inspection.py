@@ -316,9 +316,11 @@ def _detach_kernel_link(lk: dict, rec: dict) -> None:
 
 
 def detach_process(pid: int) -> int:
-    """``hybrid detach -p``: every probe in ``pid``; the registry's links there are marked detached."""
+    """``hybrid detach -p``: every probe in ``pid``; the registry's links there are marked detached, and
+    the process no longer takes the probes of `hybrid load` sessions (it is no agent host)."""
     from hybrid.user.attach.agent import detach_all
 
+    registry.remove_host(pid)
     marked = [(lk["pid"], lk["attach_id"]) for rec in registry.scan().records for lk in rec.get("links", ())
               if lk.get("side") == "user" and lk.get("pid") == pid and not registry.detached(pid, lk["attach_id"])]
     for key in marked:

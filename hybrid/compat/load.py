@@ -208,6 +208,7 @@ class Session:
         self.obj_progs: dict[int, str] = {}  # loader prog fd -> program name in the object
         self.excluded: dict[int, str] = {}  # loader prog fd -> why it cannot run in userspace
         self.kernel_maps: set[int] = set()  # maps used by programs attached in the kernel
+        self.traced: set[int] = set()  # pids the loader named (uprobes): they take system-wide probes too
         self.objects = []  # every object made (closed at the end)
 
     # -- requests
@@ -283,17 +284,22 @@ class Session:
             raise Reply(1)
         probe.prog, probe.cookie = prog, cookie
         name = self.obj_progs[prog_fd]
-        pids = [probe.pid] if probe.pid > 0 else self.controller.host_pids()
+        pids = [probe.pid] if probe.pid > 0 else sorted(set(self.controller.host_pids()) | self.traced)
         if not pids:
-            self.controller.say_once("no process runs hybrid's agent yet: %s reaches the processes started "
-                                     "with 'hybrid run -- CMD' (or given to 'hybrid attach -p PID') from now on"
-                                     % probe.describe())
+            self.controller.say_once("no process runs hybrid's agent yet: %s reaches the processes this loader "
+                                     "traces by pid and those started with 'hybrid run -- CMD' (or given to "
+                                     "'hybrid attach -p PID') from now on" % probe.describe())
         for pid in pids:
             try:
                 self._attach_in(probe, name, pid)
             except HybridError as e:
                 self._detach(probe)
                 raise Reply(-22, "%s: %s" % (probe.describe(), e)) from None
+        if probe.pid > 0 and probe.pid not in self.traced:
+            # a process the loader traces by pid takes its system-wide probes (syscall tracepoints) too,
+            # as the kernel would run them there
+            self.traced.add(probe.pid)
+            self.on_host(probe.pid)
         return self._region_reply()
 
     def on_close(self, handle: int) -> None:
@@ -376,8 +382,9 @@ class Session:
                     continue
                 shared = prog.map_fds & kernel
                 if shared:
-                    names = ", ".join(sorted(self.maps[m].name for m in shared if m in self.maps))
-                    out[fd] = "it shares map %s with a program in the kernel" % names
+                    names = sorted(self.maps[m].name for m in shared if m in self.maps)
+                    out[fd] = "it shares map%s %s with a program in the kernel" % (
+                        "s" if len(names) > 1 else "", ", ".join("%r" % n for n in names))
                     changed = True
         return out
 

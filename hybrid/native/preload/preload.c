@@ -651,14 +651,15 @@ static long attach_to(int perf_fd, int prog_fd, uint64_t cookie, uint32_t kind, 
     return rc < 0 ? fail_errno(rc) : 0;
 }
 
-static void note_kernel_attach(int prog_fd)
+/* A program attached in the kernel: 0, or -errno when its maps already serve userspace programs. */
+static int64_t note_kernel_attach(int prog_fd)
 {
     struct fdinfo *pf = known(prog_fd);
+    int64_t rc = 0;
 
     if (pf && pf->kind == FD_PROG) {
         struct msg_fd m = {prog_fd, 0};
         void *out = NULL;
-        int64_t rc;
 
         pthread_mutex_lock(&lock);
         rc = ctl_call(OP_KATTACH, &m, sizeof(m), NULL, 0, &out, NULL);
@@ -667,11 +668,13 @@ static void note_kernel_attach(int prog_fd)
             say("%s", (char *)out);
         free(out);
     }
+    return rc == -ENOTCONN ? 0 : rc;
 }
 
 static long do_bpf(int cmd, union bpf_attr *attr, unsigned int size)
 {
     struct fdinfo *f;
+    int64_t rc;
     long fd;
 
     switch (cmd) {
@@ -727,10 +730,12 @@ static long do_bpf(int cmd, union bpf_attr *attr, unsigned int size)
             known(attr->link_create.target_fd)->handle = 0; /* the link owns the attachment now */
             return lfd;
         }
-        note_kernel_attach(attr->link_create.prog_fd);
+        if ((rc = note_kernel_attach(attr->link_create.prog_fd)) < 0)
+            return fail_errno(rc);
         return good_fd(sys_bpf(cmd, attr, size));
     case BPF_RAW_TRACEPOINT_OPEN:
-        note_kernel_attach(attr->raw_tracepoint.prog_fd);
+        if ((rc = note_kernel_attach(attr->raw_tracepoint.prog_fd)) < 0)
+            return fail_errno(rc);
         return good_fd(sys_bpf(cmd, attr, size));
     case BPF_MAP_LOOKUP_ELEM:
     case BPF_MAP_UPDATE_ELEM:
@@ -852,8 +857,12 @@ int ioctl(int fd, unsigned long req, ...)
         errno = ENOTTY;
         return -1;
     }
-    if (req == PERF_EVENT_IOC_SET_BPF)
-        note_kernel_attach((int)(uintptr_t)arg);
+    if (req == PERF_EVENT_IOC_SET_BPF) {
+        int64_t rc = note_kernel_attach((int)(uintptr_t)arg);
+
+        if (rc < 0)
+            return (int)fail_errno(rc);
+    }
     return real_ioctl(fd, req, arg);
 }
 
