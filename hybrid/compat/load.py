@@ -15,8 +15,10 @@ the controller attaches it in userspace instead:
 - the program is attached where the loader asked: in process ``pid`` for a uprobe with a pid (the
   agent is injected if it is not there), else in every process running the agent (``hybrid run --
   CMD``, ``hybrid attach -p PID``), now and as they start;
-- a program that cannot run in userspace (it writes a perf event array, uses tail calls or
-  map-in-map, shares a map with a program attached in the kernel, or hybrid's verifier refuses it)
+- the loader's ring buffer and perf buffer reads are fed by the interposer from both sides: the
+  userspace rings of the maps and the kernel's;
+- a program that cannot run in userspace (it uses tail calls or map-in-map, shares a map with a
+  program attached in the kernel, or hybrid's verifier refuses it)
   is attached in the kernel, as without hybrid, with one line saying why.  Nothing is dropped
   silently.
 
@@ -42,7 +44,7 @@ from hybrid.errors import HybridError
 
 # --- protocol (preload.c) -----------------------------------------------------------------------
 
-OP_HELLO, OP_MAP, OP_PROG, OP_PERF, OP_ATTACH, OP_CLOSE, OP_FORGET, OP_RING, OP_KATTACH = range(1, 10)
+OP_HELLO, OP_MAP, OP_PROG, OP_PERF, OP_ATTACH, OP_CLOSE, OP_FORGET, OP_RING, OP_KATTACH, OP_PERFBUF = range(1, 11)
 OP_HOST = 100  # from `hybrid run` / `hybrid attach`: a new agent host (payload: pid as i32)
 
 HDR = struct.Struct("<II")
@@ -59,14 +61,17 @@ PERF_TYPE_TRACEPOINT = 2
 PERF_FLAG_FD_CLOEXEC = 8
 PROG_KPROBE, PROG_TRACEPOINT = 2, 5
 
-# Map types whose userspace copy the loader can be served (element commands, ring buffer reads).
-SERVED_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 7: "stack_trace", 9: "lru_hash",
-                10: "lru_percpu_hash", 22: "queue", 23: "stack", 27: "ringbuf"}
-MAP_TYPE_NAMES = {3: "prog_array", 4: "perf_event_array", 12: "array_of_maps", 13: "hash_of_maps",
-                  31: "user_ringbuf", **SERVED_TYPES}
+# Map types whose userspace copy the loader can be served (element commands, ring and perf buffer reads).
+SERVED_TYPES = {1: "hash", 2: "array", 4: "perf_event_array", 5: "percpu_hash", 6: "percpu_array",
+                7: "stack_trace", 9: "lru_hash", 10: "lru_percpu_hash", 22: "queue", 23: "stack", 27: "ringbuf"}
+MAP_TYPE_NAMES = {3: "prog_array", 12: "array_of_maps", 13: "hash_of_maps", 31: "user_ringbuf", **SERVED_TYPES}
+PERF_EVENT_ARRAY = 4
+BPF_F_MMAPABLE = 0x400
+# Each CPU's userspace perf ring (the kernel's are the loader's perf_buffer pages): programs in the
+# process write ~100x faster than kernel uprobes do, so a burst needs room until the forwarder moves it.
+PERF_RING_BYTES = 1 << 20
 
 _EXCLUDED_WHY = {
-    4: "it writes a perf event array (perf buffers are read from the kernel)",
     3: "it uses tail calls (a prog array)",
     12: "it uses map-in-map", 13: "it uses map-in-map",
 }
@@ -316,6 +321,15 @@ class Session:
                 return 1
         return 0
 
+    def on_perfbuf(self) -> int:
+        """1: the loader's perf buffers are fed through the interposer (userspace programs may write a perf
+        event array; the kernel's records are forwarded with them)."""
+        for prog in self.progs.values():
+            if prog.type in (PROG_KPROBE, PROG_TRACEPOINT) and not prog.kernel_attached and any(
+                    self.maps[fd].type == PERF_EVENT_ARRAY for fd in prog.map_fds if fd in self.maps):
+                return 1
+        return 0
+
     def on_kattach(self, prog_fd: int) -> None:
         prog = self.progs.get(prog_fd)
         if prog is None:
@@ -370,13 +384,15 @@ class Session:
                         m.name, MAP_TYPE_NAMES.get(m.type, "type %d" % m.type)))
                 if fd in out:
                     break
-        # maps of kernel programs stay in the kernel: programs sharing them too (to a fixpoint)
+        # maps of kernel programs stay in the kernel: programs sharing them too (to a fixpoint); global
+        # data (mmapable arrays) is shared as it is, both sides using the kernel array's memory
         changed = True
         while changed:
             changed = False
             kernel = set(self.kernel_maps)
             for fd in out:
                 kernel |= self.progs[fd].map_fds
+            kernel = {fd for fd in kernel if not self._bridged(fd)}
             for fd, prog in self.progs.items():
                 if fd in out or prog.type not in (PROG_KPROBE, PROG_TRACEPOINT):
                     continue
@@ -387,6 +403,11 @@ class Session:
                         "s" if len(names) > 1 else "", ", ".join("%r" % n for n in names))
                     changed = True
         return out
+
+    def _bridged(self, fd: int) -> bool:
+        """An mmapable array (global data): userspace programs use the kernel map's own memory."""
+        m = self.maps.get(fd)
+        return m is not None and m.type == 2 and bool(m.flags & BPF_F_MMAPABLE)
 
     def _build(self) -> None:
         """The hybrid object: every candidate program and its maps; the kernel maps' contents copied in."""
@@ -411,12 +432,15 @@ class Session:
                 continue
             break
         self.excluded.update(excluded)
-        self.obj, self.obj_progs, self.obj_maps = obj, names, index
+        # the loader's commands on bridged maps go to the kernel map: the same memory
+        self.obj, self.obj_progs = obj, names
+        self.obj_maps = {fd: i for fd, i in index.items() if not spec.maps[i].bridge}
         self.objects.append(obj)
         obj.name = "load:%s" % self.controller.loader_name
         obj._publish()
         for fd, idx in index.items():
-            self._copy_in(self.maps[fd], obj.region.maps[idx])
+            if not spec.maps[idx].bridge:
+                self._copy_in(self.maps[fd], obj.region.maps[idx])
 
     def _spec(self, chosen: dict[int, KProg]):
         from hybrid.user import isa
@@ -438,8 +462,14 @@ class Session:
         maps = []
         for fd in map_fds:
             m = self.maps[fd]
-            maps.append(MapSpec(unique(m.name), m.type, m.key_size, m.value_size, m.max_entries, m.flags,
-                                m.map_extra, kernel_id=0))
+            if self._bridged(fd):
+                # global data (.data/.bss/.rodata): the loader reads and writes it through its skeleton's
+                # mmap of the kernel array, so the programs use that very memory (an mmap bridge)
+                maps.append(MapSpec(unique(m.name), m.type, m.key_size, m.value_size, m.max_entries, m.flags,
+                                    m.map_extra, bridge="mmap", kernel_id=m.id))
+            else:
+                maps.append(MapSpec(unique(m.name), m.type, m.key_size, m.value_size, m.max_entries, m.flags,
+                                    PERF_RING_BYTES if m.type == PERF_EVENT_ARRAY else m.map_extra))
         used.clear()
         programs, names = [], {}
         for fd, p in sorted(chosen.items()):
@@ -463,7 +493,9 @@ class Session:
         """What the kernel map holds now (global data, the loader's settings, USDT specs) into ``um``."""
         from hybrid.kernel.maps import KernelMap
 
-        if km.type in (27, 22, 23, 7):  # rings, queues, stacks, stack traces: nothing to carry over
+        if km.type in (27, 22, 23, 7, PERF_EVENT_ARRAY):
+            # rings, queues, stacks, stack traces: nothing to carry over; perf event array entries are set by
+            # the interposer as the loader stores its perf events (preload.c)
             return
         kmap = KernelMap.from_fd(km.kfd, dup=True)
         try:
@@ -627,6 +659,8 @@ class Controller:
                 return s.on_ring(MSG_FD.unpack_from(body)[0]), b""
             elif op == OP_KATTACH:
                 s.on_kattach(MSG_FD.unpack_from(body)[0])
+            elif op == OP_PERFBUF:
+                return s.on_perfbuf(), b""
             return 0, b""
         except Reply as r:
             return r.rc, r.text.encode()

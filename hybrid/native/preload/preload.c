@@ -72,6 +72,7 @@ enum {
     OP_FORGET = 7,  /* struct msg_fd: a map or program fd was closed */
     OP_RING = 8,    /* struct msg_fd: rc 1 = emulate the ring for the loader, 0 = the kernel's */
     OP_KATTACH = 9, /* struct msg_fd (program fd) attached in the kernel: rc < 0 = refused + text */
+    OP_PERFBUF = 10, /* struct msg_fd (a BPF_OUTPUT perf event): rc 1 = emulate its buffer for the loader */
 };
 
 struct msg_hdr { uint32_t op, len; };
@@ -142,6 +143,8 @@ static struct {
     long (*pop)(struct hybrid_map *, void *);
     int (*ring_addresses)(struct hybrid_map *, uint32_t, uint64_t *);
     int (*ringbuf_wait)(struct hybrid_map *, int);
+    int (*perf_wait)(struct hybrid_map *, int);
+    uint64_t (*perf_lost)(struct hybrid_map *, uint32_t, int);
 } H;
 
 static int load_agent(void)
@@ -169,13 +172,17 @@ static int load_agent(void)
     SYM(pop, "hybrid_map_pop");
     SYM(ring_addresses, "hybrid_ring_addresses");
     SYM(ringbuf_wait, "hybrid_ringbuf_wait");
+    SYM(perf_wait, "hybrid_perf_wait");
+    SYM(perf_lost, "hybrid_perf_lost");
 #undef SYM
     return 0;
 }
 
 /* --- what we know about the loader's fds ------------------------------------------------ */
 
-enum { FD_NONE, FD_MAP, FD_PROG, FD_PERF, FD_LINK };
+enum { FD_NONE, FD_MAP, FD_PROG, FD_PERF, FD_LINK, FD_PERFOUT };
+
+struct perf_emu;
 
 struct ring_emu;
 
@@ -186,6 +193,7 @@ struct fdinfo {
     uint64_t handle;           /* FD_PERF, FD_LINK: the controller's handle */
     struct hybrid_map *hmap;   /* FD_MAP served from the region */
     struct ring_emu *emu;      /* FD_MAP ringbuf mmapped as our own ring */
+    struct perf_emu *pemu;     /* FD_PERFOUT: a perf buffer mmapped as our own */
     struct msg_perf *perf;     /* FD_PERF: the open, to open it for real ("kernel") */
     char *path;
 };
@@ -333,6 +341,7 @@ static void *region_base(const char *path, uint64_t size)
 }
 
 static void ring_set_source(struct ring_emu *e, struct hybrid_map *m);
+static void perf_map_served(int map_fd, struct hybrid_map *hm);
 
 /* The attach reply: maps now served from a region. */
 static void apply_region(const void *payload, uint32_t len)
@@ -356,6 +365,8 @@ static void apply_region(const void *payload, uint32_t len)
         f->hmap = hm;
         if (f->emu)
             ring_set_source(f->emu, hm);
+        if (f->map_type == BPF_MAP_TYPE_PERF_EVENT_ARRAY)
+            perf_map_served(m[i].fd, hm);
     }
 }
 
@@ -543,6 +554,262 @@ fail:
     say("cannot set up the ring buffer of map fd %d: %s", map_fd, strerror(errno));
     free(e);
     return NULL;
+}
+
+/* --- perf buffer emulation ------------------------------------------------------------------
+ *
+ * libbpf's perf_buffer opens one BPF_OUTPUT perf event per CPU, mmaps it, and stores its fd in the
+ * perf event array.  The event stays the kernel's (kernel programs write it); the loader mmaps a
+ * perf ring of our own (a memfd: the perf_event_mmap_page, then the data pages), and a forwarder
+ * copies into it the kernel event's records as they are and the userspace ring of the same map
+ * entry as PERF_RECORD_SAMPLE records, with a PERF_RECORD_LOST for what the programs could not write.
+ */
+
+struct perf_emu {
+    int fd, memfd, efd;
+    uint64_t len, page;
+    struct perf_event_mmap_page *ours, *kern;  /* kern: our own mapping of the kernel's event */
+    int map_fd;                                /* the perf event array it was stored in (-1: not yet) */
+    uint32_t index;                            /* its key there */
+    struct hybrid_map *volatile hm;
+    uint64_t pending_lost;
+    pthread_t thread;
+    int stop;
+};
+
+#define MAX_PEMU 1024
+static struct perf_emu *pemus[MAX_PEMU];
+static int npemus;
+
+static int pemit(struct perf_emu *e, const void *a, uint32_t alen, const void *b, uint32_t blen, uint32_t total)
+{
+    uint64_t dsize = e->len - e->page, head = e->ours->data_head;
+    uint64_t tail = __atomic_load_n(&e->ours->data_tail, __ATOMIC_ACQUIRE);
+    unsigned char *data = (unsigned char *)e->ours + e->page;
+    const void *parts[3] = {a, b, NULL};
+    uint32_t lens[3] = {alen, blen, total - alen - blen};
+    uint64_t at = head;
+
+    if (head - tail + total > dsize)
+        return 0;
+    for (int p = 0; p < 3; p++) {
+        uint32_t n = lens[p];
+        const unsigned char *src = parts[p];
+
+        while (n) {
+            uint64_t off = at & (dsize - 1), chunk = dsize - off < n ? dsize - off : n;
+
+            if (src) {
+                memcpy(data + off, src, chunk);
+                src += chunk;
+            } else {
+                memset(data + off, 0, chunk);
+            }
+            at += chunk;
+            n -= chunk;
+        }
+    }
+    __atomic_store_n(&e->ours->data_head, head + total, __ATOMIC_RELEASE);
+    return 1;
+}
+
+static int pemit_sample(struct perf_emu *e, const unsigned char *data, uint32_t len)
+{
+    uint32_t raw = (uint32_t)(round8((uint64_t)len + 4) - 4);
+    struct { struct perf_event_header h; uint32_t size; } __attribute__((packed)) hd = {
+        {PERF_RECORD_SAMPLE, 0, (uint16_t)(sizeof(struct perf_event_header) + 4 + raw)}, raw};
+
+    if (sizeof(struct perf_event_header) + 4 + raw > 0xffff)
+        return 1; /* cannot be a perf record: the kernel refuses such outputs too */
+    return pemit(e, &hd, sizeof(hd), data, len, hd.h.size);
+}
+
+static int pemit_lost(struct perf_emu *e, uint64_t lost)
+{
+    struct { struct perf_event_header h; uint64_t id, lost; } r = {{PERF_RECORD_LOST, 0, 24}, 0, lost};
+
+    return pemit(e, &r, sizeof(r), NULL, 0, sizeof(r));
+}
+
+/* The kernel event's records, as they are: moved, -1 when ours filled up. */
+static long pdrain_kernel(struct perf_emu *e)
+{
+    struct perf_event_mmap_page *k = e->kern;
+    uint64_t dsize = e->len - e->page, head = __atomic_load_n(&k->data_head, __ATOMIC_ACQUIRE), tail = k->data_tail;
+    unsigned char *data = (unsigned char *)k + e->page, buf[65536 + 8];
+    long n = 0;
+
+    while (tail < head) {
+        struct perf_event_header h;
+        uint64_t off;
+
+        for (uint32_t i = 0; i < sizeof(h); i++)
+            ((unsigned char *)&h)[i] = data[(tail + i) & (dsize - 1)];
+        if (h.size < sizeof(h))
+            break;
+        off = tail & (dsize - 1);
+        if (off + h.size <= dsize) {
+            memcpy(buf, data + off, h.size);
+        } else {
+            memcpy(buf, data + off, dsize - off);
+            memcpy(buf + (dsize - off), data, h.size - (dsize - off));
+        }
+        if (!pemit(e, buf, h.size, NULL, 0, h.size)) {
+            n = n ? n : -1;
+            break;
+        }
+        tail += h.size;
+        n++;
+    }
+    __atomic_store_n(&k->data_tail, tail, __ATOMIC_RELEASE);
+    return n;
+}
+
+/* The userspace ring of this entry: moved, -1 when ours filled up. */
+static long pdrain_user(struct perf_emu *e, struct hybrid_map *hm)
+{
+    uint64_t a[4], cons, prod, size;
+    unsigned char *data;
+    long n = 0;
+
+    if (H.ring_addresses(hm, e->index, a))
+        return 0;
+    cons = __atomic_load_n((uint64_t *)(uintptr_t)a[0], __ATOMIC_ACQUIRE);
+    prod = __atomic_load_n((uint64_t *)(uintptr_t)a[1], __ATOMIC_ACQUIRE);
+    data = (unsigned char *)(uintptr_t)a[2];
+    size = a[3];
+    e->pending_lost += H.perf_lost(hm, e->index, 1);
+    if (e->pending_lost) {
+        if (!pemit_lost(e, e->pending_lost))
+            return -1;
+        e->pending_lost = 0;
+        n++;
+    }
+    while (cons < prod) {
+        unsigned char *rec = data + (cons & (size - 1));
+        uint32_t hdr = __atomic_load_n((uint32_t *)rec, __ATOMIC_ACQUIRE), len = hdr & ~(RB_BUSY | RB_DISCARD);
+
+        if (hdr & RB_BUSY)
+            break;
+        if (!(hdr & RB_DISCARD)) {
+            if (!pemit_sample(e, rec + RB_HDR, len))
+                return n ? n : -1;
+            n++;
+        }
+        cons += round8(len + RB_HDR);
+        __atomic_store_n((uint64_t *)(uintptr_t)a[0], cons, __ATOMIC_RELEASE);
+    }
+    return n;
+}
+
+static void *perf_forwarder(void *arg)
+{
+    struct perf_emu *e = arg;
+    uint64_t one = 1;
+
+    while (!__atomic_load_n(&e->stop, __ATOMIC_RELAXED)) {
+        struct hybrid_map *hm = __atomic_load_n(&e->hm, __ATOMIC_ACQUIRE);
+        long moved = 0, r;
+        int full = 0;
+
+        if (e->kern) {
+            r = pdrain_kernel(e);
+            full |= r < 0;
+            moved += r > 0 ? r : 0;
+        }
+        if (hm) {
+            r = pdrain_user(e, hm);
+            full |= r < 0;
+            moved += r > 0 ? r : 0;
+        }
+        if (moved || full) {
+            if (write(e->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+                break;
+            if (!moved)
+                usleep(1000);
+            continue;
+        }
+        if (hm) {
+            H.perf_wait(hm, 5);
+        } else {
+            struct pollfd p = {e->fd, POLLIN, 0};
+
+            poll(&p, 1, 50);
+        }
+    }
+    return NULL;
+}
+
+static struct perf_emu *perf_emu_new(int fd, uint64_t len)
+{
+    struct perf_emu *e = calloc(1, sizeof(*e));
+    uint64_t page = sysconf(_SC_PAGESIZE);
+
+    if (!e || npemus == MAX_PEMU || len < 2 * page || ((len - page) & (len - page - 1)))
+        goto fail;
+    e->fd = fd;
+    e->len = len;
+    e->page = page;
+    e->map_fd = -1;
+    e->memfd = memfd_create("hybrid-perfbuf", MFD_CLOEXEC);
+    e->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (e->memfd < 0 || e->efd < 0 || ftruncate(e->memfd, len) < 0)
+        goto fail;
+    e->ours = real_mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, e->memfd, 0);
+    if (e->ours == MAP_FAILED)
+        goto fail;
+    e->ours->data_offset = page;
+    e->ours->data_size = len - page;
+    e->kern = real_mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (e->kern == MAP_FAILED)
+        e->kern = NULL;
+    if (pthread_create(&e->thread, NULL, perf_forwarder, e))
+        goto fail;
+    pemus[npemus++] = e;
+    return e;
+fail:
+    say("cannot set up the perf buffer of perf event fd %d: %s", fd, strerror(errno));
+    free(e);
+    return NULL;
+}
+
+static void perf_enable(struct perf_emu *e, struct hybrid_map *hm)
+{
+    uint32_t v = (uint32_t)e->fd;
+
+    /* a userspace perf event array entry takes records once set (as the kernel's, with an event) */
+    H.update(hm, &e->index, &v, BPF_ANY);
+    __atomic_store_n(&e->hm, hm, __ATOMIC_RELEASE);
+}
+
+static void perf_map_served(int map_fd, struct hybrid_map *hm)
+{
+    for (int i = 0; i < npemus; i++)
+        if (pemus[i] && pemus[i]->map_fd == map_fd)
+            perf_enable(pemus[i], hm);
+}
+
+/* The loader stores (or removes) a perf event in a perf event array. */
+static void perf_stored(struct fdinfo *mf, int map_fd, uint32_t key, int event_fd, int cmd)
+{
+    struct fdinfo *ef = known(event_fd);
+
+    if (cmd == BPF_MAP_DELETE_ELEM) {
+        for (int i = 0; i < npemus; i++)
+            if (pemus[i] && pemus[i]->map_fd == map_fd && pemus[i]->index == key) {
+                __atomic_store_n(&pemus[i]->hm, NULL, __ATOMIC_RELEASE);
+                pemus[i]->map_fd = -1;
+            }
+        if (mf->hmap)
+            H.del(mf->hmap, &key);
+        return;
+    }
+    if (!ef || ef->kind != FD_PERFOUT || !ef->pemu)
+        return;
+    ef->pemu->map_fd = map_fd;
+    ef->pemu->index = key;
+    if (mf->hmap)
+        perf_enable(ef->pemu, mf->hmap);
 }
 
 /* --- bpf() -------------------------------------------------------------------------------- */
@@ -747,6 +1014,23 @@ static long do_bpf(int cmd, union bpf_attr *attr, unsigned int size)
     case BPF_MAP_UPDATE_BATCH:
     case BPF_MAP_DELETE_BATCH:
         f = known(attr->map_fd);
+        if (f && f->kind == FD_MAP && f->map_type == BPF_MAP_TYPE_PERF_EVENT_ARRAY &&
+            (cmd == BPF_MAP_UPDATE_ELEM || cmd == BPF_MAP_DELETE_ELEM)) {
+            /* the kernel's entry (kernel programs write it), and where the loader's buffer is fed from */
+            uint32_t key;
+            int32_t val = -1;
+            long rc2 = sys_bpf(cmd, attr, size);
+
+            if (rc2 == 0 && attr->key) {
+                memcpy(&key, (void *)(uintptr_t)attr->key, 4);
+                if (cmd == BPF_MAP_UPDATE_ELEM && attr->value)
+                    memcpy(&val, (void *)(uintptr_t)attr->value, 4);
+                pthread_mutex_lock(&lock);
+                perf_stored(f, attr->map_fd, key, val, cmd);
+                pthread_mutex_unlock(&lock);
+            }
+            return rc2;
+        }
         if (f && f->kind == FD_MAP && f->hmap)
             return served_map_op(cmd, attr, f);
         return sys_bpf(cmd, attr, size);
@@ -783,6 +1067,16 @@ static long do_perf_event_open(struct perf_event_attr *attr, int pid, int cpu, i
     int64_t handle;
     int fd;
 
+    if (attr && attr->type == PERF_TYPE_SOFTWARE && attr->config == PERF_COUNT_SW_BPF_OUTPUT) {
+        fd = (int)real_syscall(__NR_perf_event_open, attr, pid, cpu, group_fd, flags);
+        if (fd >= 0 && (f = fdi(fd))) {
+            pthread_mutex_lock(&lock);
+            memset(f, 0, sizeof(*f));
+            f->kind = FD_PERFOUT;
+            pthread_mutex_unlock(&lock);
+        }
+        return fd;
+    }
     if (!attr || (attr->type != PERF_TYPE_TRACEPOINT && (int)attr->type != uprobe_type()) || group_fd != -1)
         return real_syscall(__NR_perf_event_open, attr, pid, cpu, group_fd, flags);
     m.attr_size = attr->size && attr->size <= sizeof(m.attr) ? attr->size : sizeof(m.attr);
@@ -896,6 +1190,24 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
             return MAP_FAILED;
         }
     }
+    if (f && f->kind == FD_PERFOUT && off == 0) {
+        pthread_mutex_lock(&lock);
+        if (!f->ring_decided) {
+            struct msg_fd m = {fd, 0};
+
+            f->ring_decided = 1;
+            if (ctl_call(OP_PERFBUF, &m, sizeof(m), NULL, 0, NULL, NULL) == 1 && load_agent() == 0)
+                f->pemu = perf_emu_new(fd, len);
+        }
+        pthread_mutex_unlock(&lock);
+        if (f->pemu) {
+            if (len != f->pemu->len) {
+                errno = EINVAL;
+                return MAP_FAILED;
+            }
+            return real_mmap(addr, len, prot, flags, f->pemu->memfd, 0);
+        }
+    }
     return real_mmap(addr, len, prot, flags, fd, off);
 }
 
@@ -905,7 +1217,7 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 
     INIT();
     f = known(fd);
-    if (f && f->emu) {
+    if (f && (f->emu || f->pemu)) {
         struct epoll_event e2;
 
         if (ev) {
@@ -913,7 +1225,7 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
             e2.events |= EPOLLET;
             ev = &e2;
         }
-        return real_epoll_ctl(epfd, op, f->emu->efd, ev);
+        return real_epoll_ctl(epfd, op, f->emu ? f->emu->efd : f->pemu->efd, ev);
     }
     return real_epoll_ctl(epfd, op, fd, ev);
 }
@@ -937,6 +1249,13 @@ int close(int fd)
             /* the forwarder keeps its own mappings; stop it before the map fd goes */
             __atomic_store_n(&f->emu->stop, 1, __ATOMIC_RELAXED);
             pthread_join(f->emu->thread, NULL);
+        }
+        if (f->pemu) {
+            __atomic_store_n(&f->pemu->stop, 1, __ATOMIC_RELAXED);
+            pthread_join(f->pemu->thread, NULL);
+            for (int i = 0; i < npemus; i++)
+                if (pemus[i] == f->pemu)
+                    pemus[i] = NULL;
         }
         free(f->perf);
         free(f->path);

@@ -531,7 +531,7 @@ def test_cli_attach_and_detach(bpf_build, workload, interactive):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
-        while "attached" not in line:
+        while "attached; Ctrl-C" not in line:  # not "not attached: ..." lines: Ctrl-C then hits the attach
             line = cli.stderr.readline()
             assert line, cli.communicate(timeout=10)
         interactive.run("add", 2, 50)
