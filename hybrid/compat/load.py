@@ -338,7 +338,7 @@ class Session:
         if shared:
             raise Reply(-16, "program %r cannot be attached in the kernel: its map%s %s also serve%s programs "
                         "running in userspace (run the loader without hybrid, or with hybrid load --kernel)"
-                        % (prog.name, "s" if len(shared) > 1 else "", ", ".join(shared),
+                        % (prog.name, "s" if len(shared) > 1 else "", ", ".join("%r" % n for n in shared),
                            "" if len(shared) > 1 else "s"))
         prog.kernel_attached = True
         self.kernel_maps |= prog.map_fds
