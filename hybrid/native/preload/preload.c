@@ -94,9 +94,24 @@ static int (*real_close)(int);
 static int (*real_epoll_ctl)(int, int, int, struct epoll_event *);
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int ctl_fd = -1;
+static int ctl_broken;
+
+/* A forked child shares the parent's connection: it must not talk on it.  Its bpf() calls go to
+ * the kernel as they are (a child that execs a new loader connects afresh). */
+static void after_fork_child(void)
+{
+    if (ctl_fd >= 0)
+        close(ctl_fd);
+    ctl_fd = -1;
+    ctl_broken = 1;
+    pthread_mutex_init(&lock, NULL); /* another thread of the parent may have held it */
+}
 
 static void resolve(void)
 {
+    pthread_atfork(NULL, NULL, after_fork_child);
     real_syscall = dlsym(RTLD_NEXT, "syscall");
     real_ioctl = dlsym(RTLD_NEXT, "ioctl");
     real_mmap = dlsym(RTLD_NEXT, "mmap");
@@ -200,7 +215,6 @@ struct fdinfo {
 
 #define MAX_FDS 65536
 static struct fdinfo *fds;
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 
 static struct fdinfo *fdi(int fd)
 {
@@ -225,9 +239,6 @@ static struct fdinfo *known(int fd)
 }
 
 /* --- the controller connection ---------------------------------------------------------- */
-
-static int ctl_fd = -1;
-static int ctl_broken;
 
 static int ctl_connect(void)
 {
