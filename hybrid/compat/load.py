@@ -748,25 +748,16 @@ def run_host(command: list[str], verbose: bool = False) -> int:
     env["HYBRID_AGENT_HOLD"] = str(fifo)
     try:
         proc = subprocess.Popen(command, env=env)
+        # once the agent holds the command (its constructor waits on the fifo), sessions attach to it
+        held = _held(proc, fifo)
         registry.add_host(proc.pid)
         for problem in announce_host(proc.pid):
             print("hybrid run: %s" % problem, file=sys.stderr)
-        # release it (the open blocks until the agent opens its end; if the command died, do not wait)
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            fd = None
-            while proc.poll() is None:
-                try:
-                    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                    break
-                except OSError:
-                    import time
-
-                    time.sleep(0.001)
-        if fd is not None:
-            os.write(fd, b"g")
-            os.close(fd)
+        if held is not None:
+            try:
+                os.write(held, b"g")
+            finally:
+                os.close(held)
         if verbose:
             print("hybrid run: process %d runs the agent" % proc.pid, file=sys.stderr)
         try:
@@ -779,6 +770,28 @@ def run_host(command: list[str], verbose: bool = False) -> int:
         if "proc" in locals():
             registry.remove_host(proc.pid)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _held(proc: subprocess.Popen, fifo: Path, timeout: float = 10.0) -> int | None:
+    """The write end of the fifo the command's agent holds it on, once it does (None: it never came).
+
+    A non-blocking open of a fifo's write end fails until the reader has opened it: retry while the
+    command lives, and give up (saying so) if its agent never comes, e.g. a set-uid program, whose
+    loader ignores LD_PRELOAD.  Writing one byte into it lets the command go on to ``main``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            if time.monotonic() > deadline:
+                print("hybrid run: process %d did not load the agent in %g s (set-uid? statically linked?): "
+                      "hybrid load sessions attach to it through ptrace instead" % (proc.pid, timeout),
+                      file=sys.stderr)
+                return None
+            time.sleep(0.001)
+    return None
 
 
 # --- hybrid load --------------------------------------------------------------------------------
