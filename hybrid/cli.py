@@ -307,6 +307,27 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aot_build(args: argparse.Namespace) -> int:
+    from hybrid.standalone import build
+
+    values = {}
+    for item in args.value:
+        name, sep, value = item.partition("=")
+        try:
+            values[name] = int(value, 0)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise HybridError("--value %r: want NAME=INTEGER" % item)
+    llvm_ir = args.emit_llvm if args.emit_llvm != "" else args.output + ".ll"
+    built = build(args.object, args.output, program=args.program, lib=args.lib, name=args.name,
+                  emit_llvm=llvm_ir, native=args.native, values=values or None)
+    print("%s: program %s%s%s" % (built.path, built.programs[0],
+                                  " (tail calls: %s)" % ", ".join(built.programs[1:]) if built.programs[1:] else "",
+                                  ", header %s" % built.header if built.header else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybrid", description="A kernel-cooperative eBPF runtime.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -419,6 +440,24 @@ def build_parser() -> argparse.ArgumentParser:
     fe = sub.add_parser("features", help="what the running kernel can do (kprobes, fentry, ring buffers...)")
     fe.add_argument("--json", action="store_true", help="print JSON")
     fe.set_defaults(func=_features)
+
+    ao = sub.add_parser("aot", help="ahead-of-time compile a program into a standalone executable or library")
+    ao_sub = ao.add_subparsers(dest="aot_command", required=True, metavar="ACTION")
+    ab = ao_sub.add_parser("build", help="a program with its maps and helpers as a binary that needs only libc",
+                           epilog="example: hybrid aot build count.bpf.o -p count -o count && ./count ctx.bin")
+    ab.add_argument("object", help="clang-compiled eBPF object")
+    ab.add_argument("-p", "--program", help="the program to build (needed when the object has several)")
+    ab.add_argument("-o", "--output", required=True, help="the executable (or with --lib the .so) to write")
+    ab.add_argument("--lib", action="store_true",
+                    help="a shared library and its C header (OUTPUT with .h), not an executable")
+    ab.add_argument("--name", help="with --lib: the prefix of its C functions (default: from OUTPUT, "
+                                   "libcount.so -> count_run ...)")
+    ab.add_argument("--emit-llvm", nargs="?", const="", metavar="FILE",
+                    help="also write the optimized LLVM IR (default FILE: OUTPUT.ll)")
+    ab.add_argument("--native", action="store_true", help="code for this machine's CPU (default: any x86-64)")
+    ab.add_argument("--value", action="append", default=[], metavar="NAME=INT",
+                    help="set a const volatile global before building (repeatable)")
+    ab.set_defaults(func=_aot_build)
     return p
 
 

@@ -123,3 +123,11 @@ class FeatureError(KernelError):
     (/sys/bus/event_source/devices/kprobe is missing: CONFIG_KPROBES is not set); use a tracepoint
     (tracepoint/syscalls/sys_enter_openat) or a raw tracepoint (raw_tp/sys_enter) instead``
     """
+
+
+class AotError(EngineError):
+    """A standalone binary that cannot be built (``hybrid aot build``); names the object, program and reason.
+
+    ``AotError: prog.bpf.o: program 'x' calls bpf_probe_read_user (112), bpf_get_current_pid_tgid (14):
+    these need a kernel or a traced process``
+    """

@@ -69,9 +69,11 @@ CURRENT_CPU_TYPE = ir.FunctionType(I32, [])  # u32 hybrid_current_cpu(void), for
 
 HOST_LITTLE = sys.byteorder == "little"
 
-LddwResolver = Callable[[int, Insn], int]
+LddwResolver = Callable[[int, Insn], "int | ir.Value"]
 """``(slot, insn) -> value``: the 64-bit value of an ``lddw`` pseudo load (map
-address, map value address, ...).  Raise :class:`EngineError` to refuse."""
+address, map value address, ...), an int or an i64 constant expression (an
+address the linker relocates, for code linked into a standalone binary).
+Raise :class:`EngineError` to refuse."""
 
 
 # --- program structure -------------------------------------------------------
@@ -347,6 +349,9 @@ def lower_lddw(fr: Frame, insn: Insn) -> None:
         value = insn.imm64
     elif fr.mod.resolve_lddw is not None:
         value = fr.mod.resolve_lddw(fr.slot, insn)
+        if isinstance(value, ir.Value):
+            fr.write(insn.dst, value)
+            return
     elif insn.imm in fr.mod.program.maps:
         value = fr.mod.program.lddw_value(insn)
     else:
