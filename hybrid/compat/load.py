@@ -760,10 +760,7 @@ def run_host(command: list[str], verbose: bool = False) -> int:
                 os.close(held)
         if verbose:
             print("hybrid run: process %d runs the agent" % proc.pid, file=sys.stderr)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
+        with _forwarding_signals(proc):
             rc = proc.wait()
         return rc if rc >= 0 else 128 - rc
     finally:
@@ -823,15 +820,37 @@ def run_loader(command: list[str], *, kernel: bool = False, verbose: bool = Fals
     env["HYBRID_AGENT_LIB"] = agent_path()
     try:
         proc = subprocess.Popen(command, env=env)
-        try:
+        with _forwarding_signals(proc):
             rc = proc.wait()
-        except KeyboardInterrupt:
-            # the loader got the SIGINT too (same process group): let it finish its own way
-            try:
-                rc = proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
         return rc if rc >= 0 else 128 - rc
     finally:
         ctl.close()
+
+
+class _forwarding_signals:
+    """SIGINT and SIGTERM sent to ``hybrid load`` / ``hybrid run`` go to the child, which ends its own way
+    (a loader prints its totals); we then clean up.  A terminal's Ctrl-C reaches both: the child gets it
+    once from the terminal and once from us, which tools treat as one."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.saved = {}
+
+    def _forward(self, sig, _frame) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.saved[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
