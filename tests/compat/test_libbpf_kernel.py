@@ -177,6 +177,7 @@ def test_loader_reports_exactly_what_the_workload_did(art, tmp_path, sig):
     assert total and events, out + err
     assert fields(total[1]) == expected_totals(N, M, K)
     assert fields(events[1]) == {"uprobe": N, "uretprobe": N, "usdt": M, "getppid": K, "dropped": 0}
+    assert "batch same (4 entries)" in out  # the kernel's bpf_map_lookup_batch agrees with the lookups
 
     # one line per event, each from the workload, in the order they happened
     lines = EVENT.findall(out)

@@ -121,6 +121,7 @@ def check_report(out: str, err: str, pid: int, n=N, m=M, k=K) -> None:
     usdt = [(int(v), int(a)) for kind, _p, v, a in lines if kind == "usdt"]
     assert usdt == [(i, USDT_ARG2 * i) for i in range(1, m + 1)]
     assert "runs in the kernel" not in err, err
+    assert "batch same (4 entries)" in out  # bpf_map_lookup_batch on a userspace map: the same totals
 
 
 @pytest.mark.parametrize("host", [True, False], ids=["hybrid-run", "plain-pid"])

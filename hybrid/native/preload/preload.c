@@ -204,7 +204,7 @@ struct ring_emu;
 struct fdinfo {
     uint8_t kind;
     uint8_t ring_decided;      /* OP_RING asked */
-    uint32_t map_type;
+    uint32_t map_type, key_size, value_size;
     uint64_t handle;           /* FD_PERF, FD_LINK: the controller's handle */
     struct hybrid_map *hmap;   /* FD_MAP served from the region */
     struct ring_emu *emu;      /* FD_MAP ringbuf mmapped as our own ring */
@@ -845,6 +845,119 @@ static long fail_errno(long e)
     return -1;
 }
 
+static uint32_t possible_cpus(void)
+{
+    static uint32_t n;
+    char buf[256] = "";
+    int fd;
+
+    if (n)
+        return n;
+    fd = open("/sys/devices/system/cpu/possible", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ssize_t r = read(fd, buf, sizeof(buf) - 1);
+
+        real_close(fd);
+        buf[r > 0 ? r : 0] = 0;
+    }
+    for (char *p = buf; *p;) { /* "0-3,5,7-8": the highest number + 1 */
+        long a = strtol(p, &p, 10), b = a;
+
+        if (*p == '-')
+            b = strtol(p + 1, &p, 10);
+        if ((uint32_t)b + 1 > n)
+            n = (uint32_t)b + 1;
+        if (*p != ',')
+            break;
+        p++;
+    }
+    if (!n)
+        n = 1;
+    return n;
+}
+
+static int is_percpu(uint32_t type)
+{
+    return type == BPF_MAP_TYPE_PERCPU_HASH || type == BPF_MAP_TYPE_PERCPU_ARRAY ||
+           type == BPF_MAP_TYPE_LRU_PERCPU_HASH || type == BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE;
+}
+
+/* The BPF_MAP_*_BATCH commands over the element operations, with the kernel's contract: `count`
+ * in, elements done out; -ENOENT once the end is reached (with what was copied); the batch token is
+ * a u32 position (how many keys earlier calls returned). */
+static long served_batch(int cmd, union bpf_attr *attr, struct fdinfo *f)
+{
+    uint32_t want = attr->batch.count, ks = f->key_size, done = 0, pos = 0;
+    uint64_t vs = is_percpu(f->map_type) ? round8(f->value_size) * possible_cpus() : f->value_size;
+    unsigned char *keys = (unsigned char *)(uintptr_t)attr->batch.keys;
+    unsigned char *vals = (unsigned char *)(uintptr_t)attr->batch.values;
+    unsigned char *cur, *next;
+    long rc = 0;
+    int have = 0;
+
+    attr->batch.count = 0;
+    if (!want || !keys)
+        return -EINVAL;
+    if (cmd == BPF_MAP_UPDATE_BATCH || cmd == BPF_MAP_DELETE_BATCH) {
+        for (; done < want; done++) {
+            rc = cmd == BPF_MAP_UPDATE_BATCH ? H.update(f->hmap, keys + (uint64_t)done * ks, vals + done * vs,
+                                                        attr->batch.elem_flags)
+                                             : H.del(f->hmap, keys + (uint64_t)done * ks);
+            if (rc)
+                break;
+        }
+        attr->batch.count = done;
+        return rc;
+    }
+    if (!vals)
+        return -EINVAL;
+    if (attr->batch.in_batch && cmd == BPF_MAP_LOOKUP_BATCH)
+        memcpy(&pos, (void *)(uintptr_t)attr->batch.in_batch, sizeof(pos));
+    cur = malloc(ks);
+    next = malloc(ks);
+    if (!cur || !next) {
+        free(cur);
+        free(next);
+        return -ENOMEM;
+    }
+    /* keys first (a deleted key would restart the walk), skipping those earlier calls returned */
+    for (uint32_t skipped = 0; done < want;) {
+        if (H.next_key(f->hmap, have ? cur : NULL, next) < 0) {
+            rc = -ENOENT;
+            break;
+        }
+        memcpy(cur, next, ks);
+        have = 1;
+        if (skipped < pos) {
+            skipped++;
+            continue;
+        }
+        memcpy(keys + (uint64_t)done * ks, cur, ks);
+        done++;
+    }
+    for (uint32_t i = 0; i < done; i++) {
+        long r = H.lookup_copy(f->hmap, keys + (uint64_t)i * ks, vals + i * vs);
+
+        if (r == 0 && cmd == BPF_MAP_LOOKUP_AND_DELETE_BATCH)
+            r = H.del(f->hmap, keys + (uint64_t)i * ks);
+        if (r < 0) { /* gone since the walk (a program deleted it): drop it from the answer */
+            memmove(keys + (uint64_t)i * ks, keys + (uint64_t)(i + 1) * ks, (uint64_t)(done - i - 1) * ks);
+            memmove(vals + i * vs, vals + (i + 1) * vs, (done - i - 1) * vs);
+            done--;
+            i--;
+        }
+    }
+    free(cur);
+    free(next);
+    attr->batch.count = done;
+    if (attr->batch.out_batch) {
+        uint32_t out = cmd == BPF_MAP_LOOKUP_BATCH ? pos + done : 0;
+
+        memcpy((void *)(uintptr_t)attr->batch.out_batch, &out, sizeof(out));
+    }
+    return rc;
+}
+
 static long served_map_op(int cmd, union bpf_attr *attr, struct fdinfo *f)
 {
     void *key = (void *)(uintptr_t)attr->key;
@@ -873,10 +986,14 @@ static long served_map_op(int cmd, union bpf_attr *attr, struct fdinfo *f)
                 rc = H.del(f->hmap, key);
         }
         break;
+    case BPF_MAP_LOOKUP_BATCH:
+    case BPF_MAP_LOOKUP_AND_DELETE_BATCH:
+    case BPF_MAP_UPDATE_BATCH:
+    case BPF_MAP_DELETE_BATCH:
+        rc = served_batch(cmd, attr, f);
+        break;
     default:
-        say("bpf command %d on map fd %d: not supported on a map of programs running in userspace "
-            "(use BPF_MAP_LOOKUP_ELEM/GET_NEXT_KEY)", cmd, attr->map_fd);
-        rc = -EOPNOTSUPP;
+        rc = -EINVAL;
     }
     return rc < 0 ? fail_errno(rc) : rc;
 }
@@ -965,6 +1082,8 @@ static long do_bpf(int cmd, union bpf_attr *attr, unsigned int size)
             memset(f, 0, sizeof(*f));
             f->kind = FD_MAP;
             f->map_type = attr->map_type;
+            f->key_size = attr->key_size;
+            f->value_size = attr->value_size;
             ctl_call(OP_MAP, &m, sizeof(m), NULL, 0, NULL, NULL);
             pthread_mutex_unlock(&lock);
         }
@@ -1024,7 +1143,9 @@ static long do_bpf(int cmd, union bpf_attr *attr, unsigned int size)
     case BPF_MAP_LOOKUP_AND_DELETE_BATCH:
     case BPF_MAP_UPDATE_BATCH:
     case BPF_MAP_DELETE_BATCH:
-        f = known(attr->map_fd);
+        /* the batch commands keep the map fd after their pointers, not at the start */
+        f = known(cmd >= BPF_MAP_LOOKUP_BATCH && cmd <= BPF_MAP_DELETE_BATCH ? (int)attr->batch.map_fd
+                                                                            : (int)attr->map_fd);
         if (f && f->kind == FD_MAP && f->map_type == BPF_MAP_TYPE_PERF_EVENT_ARRAY &&
             (cmd == BPF_MAP_UPDATE_ELEM || cmd == BPF_MAP_DELETE_ELEM)) {
             /* the kernel's entry (kernel programs write it), and where the loader's buffer is fed from */

@@ -192,6 +192,25 @@ static int print_totals(struct hload_bpf *obj)
 			return err;
 		}
 	}
+	/* the same, read again as a libbpf-tools loop over bpf_map_lookup_batch would, 3 then the rest */
+	{
+		struct hload_total b[HLOAD_KINDS];
+		__u32 keys[HLOAD_KINDS], out = 0, n = 0, got;
+		int fd = bpf_map__fd(obj->maps.totals), rc = 0;
+		void *in = NULL;
+
+		while (n < HLOAD_KINDS && rc == 0) {
+			got = n ? HLOAD_KINDS - n : 3;
+			rc = bpf_map_lookup_batch(fd, in, &out, keys + n, b + n, &got, NULL);
+			if (rc && errno != ENOENT) {
+				fprintf(stderr, "bpf_map_lookup_batch: %s\n", strerror(errno));
+				return -errno;
+			}
+			n += got;
+			in = &out;
+		}
+		printf("batch %s (%u entries)\n", n == HLOAD_KINDS && !memcmp(b, t, sizeof(t)) ? "same" : "differs", n);
+	}
 	printf("total uprobe_calls=%llu uprobe_sum=%lld uretprobe_calls=%llu uretprobe_sum=%lld "
 	       "usdt_calls=%llu usdt_sum=%lld usdt_sum2=%lld getppid=%llu getppid_sum=%lld\n",
 	       (unsigned long long)t[HLOAD_UPROBE].calls, (long long)t[HLOAD_UPROBE].sum,
