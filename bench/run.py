@@ -88,6 +88,8 @@ SUITES: list[Suite] = [
           "attach latency: at launch and on a running process, kernel uprobes vs hybrid's agent"),
     Suite("tools", "bench_tools",
           "the ported bcc tools against Debian's bcc tools: what each adds to the traced workload"),
+    Suite("load", "bench_load",
+          "a libbpf-tools style program: its loader alone (kernel probes) vs under hybrid load (in the process)"),
 ]
 
 
