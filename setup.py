@@ -23,6 +23,17 @@ def _load_build():
 class _BuildExt(build_ext):
     """The agent is no Python module: export no PyInit_ symbol."""
 
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        """Put a rebuilt library in place by renaming over the old one, never by rewriting it: processes
+        running hybrid's agent (or the interposer) map the old file, and rewriting it under them crashes
+        them.  Renamed over, the old file lives on for them until they exit."""
+        if os.path.isfile(outfile):
+            tmp = "%s.tmp-%d" % (outfile, os.getpid())
+            _, copied = super().copy_file(infile, tmp, *args, **kwargs)
+            os.replace(tmp, outfile)
+            return outfile, copied
+        return super().copy_file(infile, outfile, *args, **kwargs)
+
     def get_export_symbols(self, ext):
         if ext.name in ("hybrid.libhybrid_agent", "hybrid.libhybrid_preload"):
             return []
