@@ -259,7 +259,8 @@ def _apply_remote(pid: int, library: str, text: str) -> None:
         path = wd / "spec"
         path.write_text(text)
         agent._share_with(pid, wd, path)
-        rc = inject.inject_and_call(pid, library, "hybrid_agent_apply_file", str(path))
+        rc = inject.inject_and_call(pid, library, "hybrid_agent_apply_file", str(path),
+                                    relocate="hybrid_agent_relocate_pc")
         try:
             err = Path(str(path) + ".err").read_text().strip()
         except OSError:

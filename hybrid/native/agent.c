@@ -2956,6 +2956,31 @@ int hybrid_agent_status(char *buf, uint64_t len)
     return (int)used;
 }
 
+/* Where a thread stopped at `pc` by a ptrace injection (the thread that ran the apply) goes on now:
+ * the agent quiesces every other thread, but this one's place was saved by the injector.  `pc`
+ * itself when it is outside every patched window or at a window's first byte (now the jump); the
+ * moved copy of that instruction in the trampoline when it is at a later instruction of one;
+ * UINT64_MAX when it is inside a window between instruction boundaries (cannot be resumed). */
+uint64_t hybrid_agent_relocate_pc(uint64_t pc)
+{
+    struct site *s;
+    uint64_t out = pc;
+
+    pthread_mutex_lock(&ctl_lock);
+    for (s = all_sites; s; s = s->next) {
+        int bad = 0;
+
+        if (!s->patched || s->int3 || pc <= s->addr || pc >= s->addr + s->len)
+            continue;
+        out = move_out(&s, 1, pc, &bad);
+        if (bad)
+            out = UINT64_MAX;
+        break;
+    }
+    pthread_mutex_unlock(&ctl_lock);
+    return out;
+}
+
 int hybrid_agent_quiescent(void)
 {
     int v;
@@ -3056,5 +3081,6 @@ uint64_t hybrid_agent_missed(uint32_t attach_id) { (void)attach_id; return 0; }
 int hybrid_agent_status(char *buf, uint64_t len) { if (buf && len) buf[0] = 0; return 0; }
 int hybrid_agent_quiescent(void) { return 1; }
 int hybrid_agent_sync(int timeout_ms) { (void)timeout_ms; return 1; }
+uint64_t hybrid_agent_relocate_pc(uint64_t pc) { return pc; }
 
 #endif

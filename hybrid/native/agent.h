@@ -26,6 +26,8 @@ int hybrid_agent_status(char *buf, uint64_t len);/* one line per attachment: id 
 /* 1 when the grace period after the last apply/detach completed: no thread still runs (or can run again)
  * program code that was detached, so JIT code of detached programs may be freed; 0 otherwise. */
 int hybrid_agent_quiescent(void);
+/* Where a thread stopped at pc by an injection resumes after an apply (UINT64_MAX: cannot). */
+uint64_t hybrid_agent_relocate_pc(uint64_t pc);
 /* Wait up to timeout_ms for a grace period now; 1 if it completed (see hybrid_agent_quiescent). */
 int hybrid_agent_sync(int timeout_ms);
 /* cdef-end */

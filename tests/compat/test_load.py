@@ -103,10 +103,16 @@ class Loader:
 
 
 def kernel_perf_links() -> int:
-    """perf_event links in the kernel (what libbpf makes for a uprobe or a tracepoint)."""
-    r = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    return sum(1 for lk in json.loads(r.stdout or "[]") if lk.get("type") == "perf_event")
+    """perf_event links in the kernel (what libbpf makes for a uprobe or a tracepoint).
+
+    bpftool fails when a link goes away between its listing and its query (other processes'
+    links come and go): try again."""
+    for _ in range(20):
+        r = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, timeout=30)
+        if r.returncode == 0:
+            return sum(1 for lk in json.loads(r.stdout or "[]") if lk.get("type") == "perf_event")
+        time.sleep(0.05)
+    pytest.fail("bpftool link show keeps failing: %s%s" % (r.stdout, r.stderr))
 
 
 def check_report(out: str, err: str, pid: int, n=N, m=M, k=K) -> None:

@@ -430,7 +430,8 @@ class _ProcessChannel(_Channel):
         path = self.workdir / ("spec.%d" % self._n)
         path.write_text(text)
         _share_with(self.pid, path)
-        rc = inject.inject_and_call(self.pid, str(agent_path()), "hybrid_agent_apply_file", str(path))
+        rc = inject.inject_and_call(self.pid, str(agent_path()), "hybrid_agent_apply_file", str(path),
+                                    relocate="hybrid_agent_relocate_pc")
         err = ""
         try:
             err = Path(str(path) + ".err").read_text().strip()

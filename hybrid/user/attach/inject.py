@@ -68,6 +68,11 @@ __all__ = [
     "symbol_address",
 ]
 
+# -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK: a stopped thread's interrupted
+# system call that the kernel restarts when the thread resumes without a signal (rip -= 2)
+_RESTART_ERRNOS = (-512, -513, -514, -516)
+_NR_RESTART_SYSCALL = 219  # x86-64
+
 RTLD_LAZY = 0x1
 RTLD_NOW = 0x2
 RTLD_GLOBAL = 0x100
@@ -814,6 +819,34 @@ class RemoteProcess(Closable):
             raise InjectError("dlopen(%s) in process %d failed: %s" % (path, self.pid, reason))
         return handle
 
+    def relocate_resume(self, relocate: int) -> None:
+        """Move the stopped thread's own resume point out of code the injected call patched.
+
+        Code patched in the target (a jump written over a window of instructions) may cover the
+        place this thread was stopped at: the agent quiesces the other threads, but this one's
+        registers are saved here.  ``relocate(pc)`` (the agent's ``hybrid_agent_relocate_pc``)
+        says where the instruction at ``pc`` lives now.  A system call the thread was in that the
+        kernel would restart on resume (``rip - 2`` is its ``syscall``) is restarted here instead,
+        as the kernel would do it: ``rax`` = the call's number (``restart_syscall`` after
+        -ERESTART_RESTARTBLOCK), ``orig_rax`` = -1, ``rip`` = the relocated ``syscall``.
+        Raises :class:`InjectError` when the thread cannot be resumed (stopped between instructions
+        of a window: it is then left where it was, which is what would have crashed anyway)."""
+        regs = self._regs
+        rax = regs.rax - (1 << 64) if regs.rax >> 63 else regs.rax
+        restart = regs.orig_rax != 0xFFFFFFFFFFFFFFFF and rax in _RESTART_ERRNOS
+        pc = regs.rip - 2 if restart else regs.rip
+        new = self.call(relocate, pc) & 0xFFFFFFFFFFFFFFFF
+        if new == 0xFFFFFFFFFFFFFFFF:
+            raise InjectError("thread %d of process %d was stopped at %#x, inside code that was just patched, "
+                              "between two instructions" % (self.tid, self.pid, pc))
+        if new == pc:
+            return
+        if restart:
+            regs.rax = _NR_RESTART_SYSCALL if rax == -516 else regs.orig_rax
+            regs.orig_rax = 0xFFFFFFFFFFFFFFFF
+        regs.rip = new
+        self._dirty = True
+
     def remote_dlsym(self, handle: int, symbol: str, *, what: str | None = None) -> int:
         """``dlsym(handle, symbol)`` in the target; raises when not found."""
         self._check()
@@ -916,8 +949,12 @@ def inject_and_call(
     *,
     timeout: float = 5.0,
     tid: int | None = None,
+    relocate: str | None = None,
 ) -> int:
     """Load ``so_path`` into process ``pid`` and return ``function_name(string_arg)`` from there.
+
+    ``relocate`` names a function of the library that says where the stopped thread resumes when
+    the call patched code (see :meth:`RemoteProcess.relocate_resume`).
 
     ``dlopen(so_path, RTLD_NOW|RTLD_GLOBAL)`` (a library already loaded just gets its reference
     count raised; it is never closed), ``dlsym`` the function, call it as
@@ -933,4 +970,6 @@ def inject_and_call(
         handle = rp.remote_dlopen(path, RTLD_NOW | RTLD_GLOBAL, timeout=timeout)
         function = rp.remote_dlsym(handle, function_name, what=path)
         result = rp.call(function, rp.alloc_string(string_arg), timeout=timeout) & 0xFFFFFFFF
+        if relocate:  # the call may have patched code where this thread was stopped
+            rp.relocate_resume(rp.remote_dlsym(handle, relocate, what=path))
     return result - (1 << 32) if result & 0x80000000 else result
