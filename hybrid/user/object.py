@@ -431,6 +431,19 @@ class _PlainLaunch:
         return getattr(self.popen, name)
 
 
+def read_spec(path: str | os.PathLike | bytes, values: Mapping[str, int | bytes] | None = None):
+    """The :class:`~hybrid.user.elf.ObjectSpec` of an object file (or its bytes), ``values`` set in its
+    ``const volatile`` globals; a missing file is a :class:`~hybrid.errors.HybridError` naming it."""
+    from hybrid.user.elf import load_object_spec
+
+    try:
+        spec = load_object_spec(path)
+    except OSError as e:
+        raise HybridError("%s: %s" % (os.fsdecode(path) if not isinstance(path, bytes) else "<bytes>",
+                                      e.strerror)) from None
+    return spec.with_values(**values) if values else spec
+
+
 def load(path: str | os.PathLike | bytes, *, values: Mapping[str, int | bytes] | None = None,
          region_name: str | None = None, keep_region: bool = False, kernel=None,
          mirror: Mapping[str, object] | None = None, share: Mapping[str, object] | None = None,
@@ -449,15 +462,7 @@ def load(path: str | os.PathLike | bytes, *, values: Mapping[str, int | bytes] |
     Raises a :class:`~hybrid.errors.HybridError` naming what is wrong and where,
     with nothing left loaded.
     """
-    from hybrid.user.elf import load_object_spec
-
-    try:
-        spec = load_object_spec(path)
-    except OSError as e:
-        raise HybridError("%s: %s" % (os.fsdecode(path) if not isinstance(path, bytes) else "<bytes>",
-                                      e.strerror)) from None
-    if values:
-        spec = spec.with_values(**values)
+    spec = read_spec(path, values)
     if isinstance(path, bytes):
         if kernel or share:
             raise HybridError("an object given as bytes can only be loaded into the VM (kernel=False)")
