@@ -23,10 +23,12 @@
  * and ignored).  The pool holds max_entries + nr_cpus + 8 elements; the
  * extra ones let an update of an existing key build the new element and
  * swap it in (the kernel's semantics: a concurrent lookup copy sees the old
- * or the new value, never a mix).  Free elements are on a lock-free Treiber
- * stack (tagged head: no ABA); the live count is an atomic, so -E2BIG is
- * exact.  Each bucket has a sequence lock: writers take it, lookups do not
- * write shared memory at all (read, then retry if the sequence changed), so
+ * or the new value, never a mix).  Free elements are on two lock-free
+ * Treiber stacks (tagged heads: no ABA), max_entries for inserts and the
+ * extra ones for replacements, so -E2BIG is exact with no counter to
+ * update (see "element pools").  Each bucket has a sequence lock: writers
+ * take it, lookups do not write shared memory at all (read, then retry if
+ * the sequence changed), so
  * concurrent lookups scale.  A chain is walked through indices that are
  * bounds-checked, so a torn read during a concurrent update is harmless.
  *
@@ -433,12 +435,60 @@ static inline void *pcpu_value(const struct hybrid_map *m, uint32_t idx, uint32_
     return (char *)m + m->off_c + (uint64_t)cpu * m->plane + (uint64_t)idx * m->stride;
 }
 
-static inline uint32_t hash_key(const struct hybrid_map *m, const void *key)
+/*
+ * The hash operations are written once with the key size as a parameter
+ * (`ks`) and inlined (FORCE_INLINE) into one copy per common key size,
+ * 4 and 8 bytes, where hashing, comparing and copying keys are a few
+ * instructions, and one generic copy (ks = m->key_size); see HTAB_BY_KS.
+ */
+#define FORCE_INLINE inline __attribute__((always_inline))
+
+static FORCE_INLINE uint32_t hash_key_ks(const struct hybrid_map *m, const void *key, uint32_t ks)
 {
-    return (uint32_t)hash_bytes(key, m->key_size, m->seed);
+    if (ks == 4) {
+        uint32_t k;
+
+        memcpy(&k, key, 4);
+        return hash_word(k, m->seed);
+    }
+    if (ks == 8) {
+        uint64_t k;
+
+        memcpy(&k, key, 8);
+        return hash_word(k, m->seed);
+    }
+    return (uint32_t)hash_bytes(key, ks, m->seed);
 }
 
-static inline int key_eq(const void *a, const void *b, uint32_t ks)
+static inline uint32_t hash_key(const struct hybrid_map *m, const void *key)
+{
+    return hash_key_ks(m, key, m->key_size);
+}
+
+/* Calls fn(args..., ks) with ks a constant for the common key sizes. */
+#define HTAB_BY_KS(m, fn, ...)                                      \
+    (likely((m)->key_size == 4) ? fn(__VA_ARGS__, 4)                \
+     : (m)->key_size == 8 ? fn(__VA_ARGS__, 8) : fn(__VA_ARGS__, (m)->key_size))
+
+/* memcpy for keys and values: the usual sizes without a libc call */
+static FORCE_INLINE void copy_small(void *dst, const void *src, uint32_t n)
+{
+    if (n == 8) {
+        uint64_t x;
+
+        memcpy(&x, src, 8);
+        memcpy(dst, &x, 8);
+    } else if (n == 4) {
+        uint32_t x;
+
+        memcpy(&x, src, 4);
+        memcpy(dst, &x, 4);
+    } else {
+        memcpy(dst, src, n);
+    }
+}
+
+static FORCE_INLINE int key_eq(const void *a, const void *b, uint32_t ks)
 {
     if (ks == 4) {
         uint32_t x, y;
@@ -463,11 +513,24 @@ static inline uint32_t stored_size(const struct hybrid_map *m)
     return m->type == BPF_MAP_TYPE_HASH_OF_MAPS ? 8 : m->value_size;
 }
 
-/* --- freelist: lock-free Treiber stack with a 32-bit ABA tag -------------- */
+/* --- element pools: lock-free Treiber stacks with a 32-bit ABA tag ---------
+ *
+ * Free elements are in one of two pools.  `a.head` holds those an insert
+ * takes: max_entries of them at first, so it holds max_entries minus the
+ * number of live keys, and an insert that finds it empty is -E2BIG, exactly
+ * (no separate counter to keep in step: one atomic less per insert and per
+ * delete).  `a.spare` holds the nelems - max_entries others, in which an
+ * update of an existing key builds the new value; the element it replaces
+ * goes back to the pool the new one came from, so the live count and the
+ * pools stay in step.  (The kernel's preallocated hash does the same with
+ * its freelist and per-CPU extra elements.)
+ *
+ * A free element's `hash` is its depth in its stack (1 at the bottom):
+ * hybrid_map_count reads the depth of the insert pool's top element. */
 
-static int64_t pop_free(struct hybrid_map *m)
+static FORCE_INLINE int64_t pool_pop(struct hybrid_map *m, uint64_t *top)
 {
-    uint64_t old = LOAD_ACQ(&m->a.head), neu;
+    uint64_t old = LOAD_ACQ(top), neu;
     uint32_t i, nxt;
 
     for (;;) {
@@ -476,45 +539,52 @@ static int64_t pop_free(struct hybrid_map *m)
             return -1;
         nxt = LOAD(&helem(m, i - 1)->next);
         neu = (((old >> 32) + 1) << 32) | nxt;
-        if (__atomic_compare_exchange_n(&m->a.head, &old, neu, 1, __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE))
+        if (__atomic_compare_exchange_n(top, &old, neu, 1, __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE))
             break;
     }
     STORE(&helem(m, i - 1)->state, ELEM_ALLOC);
     return i - 1;
 }
 
-static void push_free(struct hybrid_map *m, uint32_t idx)
+static FORCE_INLINE void pool_push(struct hybrid_map *m, uint64_t *top, uint32_t idx)
 {
     struct helem *e = helem(m, idx);
-    uint64_t old = LOAD(&m->a.head), neu;
+    uint64_t old = LOAD_ACQ(top), neu;
 
     STORE(&e->state, ELEM_FREE);
     do {
-        STORE(&e->next, (uint32_t)old);
+        uint32_t t = (uint32_t)old;
+
+        /* the depth read is stale only if `old` is, and then the exchange fails */
+        STORE(&e->hash, (t && t <= m->nelems ? LOAD(&helem(m, t - 1)->hash) : 0) + 1);
+        STORE(&e->next, t);
         neu = (((old >> 32) + 1) << 32) | (idx + 1);
-    } while (!__atomic_compare_exchange_n(&m->a.head, &old, neu, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+    } while (!__atomic_compare_exchange_n(top, &old, neu, 1, __ATOMIC_RELEASE, __ATOMIC_ACQUIRE));
 }
 
-static int count_inc_below(struct hybrid_map *m)
+/* Live elements of a hash map: max_entries minus the insert pool's depth. */
+static uint32_t htab_count(const struct hybrid_map *m)
 {
-    uint32_t c = LOAD(&m->a.count);
+    unsigned n = 0;
 
-    do {
-        if (c >= m->max_entries)
-            return 0;
-    } while (!__atomic_compare_exchange_n(&m->a.count, &c, c + 1, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
-    return 1;
-}
+    for (;;) {
+        uint64_t top = LOAD_ACQ(&m->a.head);
+        uint32_t t = (uint32_t)top, depth = 0;
 
-static inline void count_dec(struct hybrid_map *m)
-{
-    __atomic_fetch_sub(&m->a.count, 1, __ATOMIC_RELAXED);
+        if (t && t <= m->nelems)
+            depth = LOAD(&helem(m, t - 1)->hash);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (LOAD(&m->a.head) == top)
+            return depth < m->max_entries ? m->max_entries - depth : 0;
+        backoff(&n);
+    }
 }
 
 /* --- chains ------------------------------------------------------------------ */
 
 /* Walks a chain without the lock; the caller validates with the sequence. */
-static inline int64_t chain_find(const struct hybrid_map *m, const struct hbucket *b, const void *key, uint32_t h)
+static FORCE_INLINE int64_t chain_find_ks(const struct hybrid_map *m, const struct hbucket *b, const void *key,
+                                          uint32_t h, uint32_t ks)
 {
     uint32_t i = LOAD(&b->head), steps = 0;
 
@@ -524,16 +594,21 @@ static inline int64_t chain_find(const struct hybrid_map *m, const struct hbucke
         if (unlikely(i > m->nelems || ++steps > m->nelems))
             return -1;
         e = helem(m, i - 1);
-        if (LOAD(&e->hash) == h && key_eq(e->key, key, m->key_size))
+        if (LOAD(&e->hash) == h && key_eq(e->key, key, ks))
             return i - 1;
         i = LOAD(&e->next);
     }
     return -1;
 }
 
+static inline int64_t chain_find(const struct hybrid_map *m, const struct hbucket *b, const void *key, uint32_t h)
+{
+    return chain_find_ks(m, b, key, h, m->key_size);
+}
+
 /* Same, with the bucket locked; *link is the word that points at the match. */
-static int64_t chain_find_locked(const struct hybrid_map *m, struct hbucket *b, const void *key, uint32_t h,
-                                 uint32_t **link)
+static FORCE_INLINE int64_t chain_find_locked(const struct hybrid_map *m, struct hbucket *b, const void *key,
+                                              uint32_t h, uint32_t **link, uint32_t ks)
 {
     uint32_t *l = &b->head, i, steps = 0;
 
@@ -543,7 +618,7 @@ static int64_t chain_find_locked(const struct hybrid_map *m, struct hbucket *b, 
         if (unlikely(i > m->nelems || ++steps > m->nelems))
             break;
         e = helem(m, i - 1);
-        if (e->hash == h && key_eq(e->key, key, m->key_size)) {
+        if (e->hash == h && key_eq(e->key, key, ks)) {
             *link = l;
             return i - 1;
         }
@@ -557,7 +632,8 @@ enum { COPY_NONE, COPY_VALUE, COPY_PERCPU };
 
 /* Finds key; with `out`, copies the value(s) inside the read section, so the
  * copy is a consistent snapshot.  Returns the element index or -1. */
-static int64_t htab_read(const struct hybrid_map *m, const void *key, uint32_t h, void *out, int copy)
+static FORCE_INLINE int64_t htab_read_ks(const struct hybrid_map *m, const void *key, uint32_t h, void *out,
+                                         int copy, uint32_t ks)
 {
     const struct hbucket *b = hbucket(m, h);
     int64_t idx;
@@ -565,7 +641,7 @@ static int64_t htab_read(const struct hybrid_map *m, const void *key, uint32_t h
 
     do {
         s = seq_read_begin(&b->seq);
-        idx = chain_find(m, b, key, h);
+        idx = chain_find_ks(m, b, key, h, ks);
         if (idx >= 0 && copy == COPY_VALUE) {
             memcpy(out, helem_value(m, helem(m, (uint32_t)idx)), stored_size(m));
         } else if (idx >= 0 && copy == COPY_PERCPU) {
@@ -574,6 +650,22 @@ static int64_t htab_read(const struct hybrid_map *m, const void *key, uint32_t h
         }
     } while (seq_read_retry(&b->seq, s));
     return idx;
+}
+
+static int64_t htab_read(const struct hybrid_map *m, const void *key, uint32_t h, void *out, int copy)
+{
+    return htab_read_ks(m, key, h, out, copy, m->key_size);
+}
+
+static FORCE_INLINE int64_t htab_find_ks(const struct hybrid_map *m, const void *key, uint32_t ks)
+{
+    return htab_read_ks(m, key, hash_key_ks(m, key, ks), NULL, COPY_NONE, ks);
+}
+
+/* The index of key's element, or -1. */
+static int64_t htab_find(const struct hybrid_map *m, const void *key)
+{
+    return HTAB_BY_KS(m, htab_find_ks, m, key);
 }
 
 static void pcpu_store(struct hybrid_map *m, uint32_t idx, const void *value, int all_cpus, int fresh)
@@ -586,11 +678,16 @@ static void pcpu_store(struct hybrid_map *m, uint32_t idx, const void *value, in
     uint32_t cur = cpu_slot(m->nr_cpus);
 
     if (fresh) {  /* a new element from a program: this CPU's value, zero elsewhere */
-        for (uint32_t c = 0; c < m->nr_cpus; c++)
-            if (c != cur)
+        for (uint32_t c = 0; c < m->nr_cpus; c++) {
+            if (c == cur)
+                continue;
+            if (m->stride == 8)
+                STORE((uint64_t *)pcpu_value(m, idx, c), 0);
+            else
                 memset(pcpu_value(m, idx, c), 0, m->stride);
+        }
     }
-    memcpy(pcpu_value(m, idx, cur), value, m->value_size);
+    copy_small(pcpu_value(m, idx, cur), value, m->value_size);
 }
 
 /* --- LRU: CLOCK eviction ------------------------------------------------------ */
@@ -626,18 +723,14 @@ static int64_t lru_evict(struct hybrid_map *m)
     return -1;
 }
 
-/* An element for an LRU update, counted as live; evicts when the map is full. */
+/* An element for an LRU insert (of the insert pool's share); evicts when the map is full. */
 static int64_t lru_alloc(struct hybrid_map *m)
 {
     for (int attempt = 0; attempt < 8; attempt++) {
-        int64_t idx;
+        int64_t idx = pool_pop(m, &m->a.head);
 
-        if (count_inc_below(m)) {
-            idx = pop_free(m);
-            if (idx >= 0)
-                return idx;
-            count_dec(m);
-        }
+        if (idx >= 0)
+            return idx;
         idx = lru_evict(m);
         if (idx >= 0)
             return idx;
@@ -651,42 +744,46 @@ static int64_t lru_alloc(struct hybrid_map *m)
 /* Returns 1 when a new element was inserted, 0 when an existing one was
  * updated, or -errno.
  *
- * LRU maps get their element before taking the bucket lock, because
+ * An insert takes its element from the insert pool, a replacement from the
+ * spare pool; the element replaced goes back to the pool the new one came
+ * from.  LRU maps get their element before taking the bucket lock, because
  * eviction locks another bucket.  When the key already exists (checked
- * first, without the lock) a spare element is used, not counted, so that
- * replacing a value in a full LRU map never evicts another key. */
-static long htab_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags, int all_cpus)
+ * first, without the lock) a spare element is used, so that replacing a
+ * value in a full LRU map never evicts another key. */
+static FORCE_INLINE long htab_update_ks(struct hybrid_map *m, const void *key, const void *value, uint64_t flags,
+                                        int all_cpus, uint32_t ks)
 {
     const int lru = is_lru(m->type), pcpu = is_percpu(m->type);
     uint32_t h, held, *link;
     struct hbucket *b;
     struct helem *e;
     int64_t nw = -1, old;
-    int counted = 0;  /* LRU: nw is counted in a.count */
+    uint64_t *pool = NULL;  /* the pool nw came from */
     long err = 0;
 
     if (flags > BPF_EXIST)
         return -EINVAL;
-    h = hash_key(m, key);
+    h = hash_key_ks(m, key, ks);
     b = hbucket(m, h);
     if (lru) {
-        int64_t found = htab_read(m, key, h, NULL, COPY_NONE);
+        int64_t found = htab_read_ks(m, key, h, NULL, COPY_NONE, ks);
 
         /* fail early rather than evict for nothing */
         if (found >= 0 && flags == BPF_NOEXIST)
             return -EEXIST;
         if (found < 0 && flags == BPF_EXIST)
             return -ENOENT;
-        if (found < 0 || (nw = pop_free(m)) < 0) {
+        pool = &m->a.spare;
+        if (found < 0 || (nw = pool_pop(m, pool)) < 0) {
+            pool = &m->a.head;
             nw = lru_alloc(m);
             if (nw < 0)
                 return -ENOMEM;
-            counted = 1;
         }
     }
 relock:
     held = seq_write_lock(&b->seq);
-    old = chain_find_locked(m, b, key, h, &link);
+    old = chain_find_locked(m, b, key, h, &link, ks);
     if (old >= 0 && flags == BPF_NOEXIST)
         err = -EEXIST;
     else if (old < 0 && flags == BPF_EXIST)
@@ -699,42 +796,45 @@ relock:
             STORE(&helem(m, (uint32_t)old)->ref, 1);
         goto out_unlock;
     }
-    if (lru && old < 0 && !counted) {  /* the key went away meanwhile: now it is an insert */
-        if (!count_inc_below(m)) {
+    if (lru && old < 0 && pool == &m->a.spare) {  /* the key went away meanwhile: now it is an insert */
+        int64_t ins = pool_pop(m, &m->a.head);
+
+        pool_push(m, pool, (uint32_t)nw);
+        pool = &m->a.head;
+        nw = ins;
+        if (ins < 0) {  /* full: evict, which locks another bucket */
             seq_write_unlock(&b->seq, held);
-            push_free(m, (uint32_t)nw);
             nw = lru_alloc(m);
             if (nw < 0)
                 return -ENOMEM;
-            counted = 1;
             goto relock;
         }
-        counted = 1;
     }
     if (nw < 0) {
-        if (old < 0 && !count_inc_below(m)) {
-            err = m->type == BPF_MAP_TYPE_LPM_TRIE ? -ENOSPC : -E2BIG;
-            goto out_unlock;
-        }
-        nw = pop_free(m);
-        if (nw < 0) {
-            if (old >= 0) {  /* all spare elements in use by concurrent updates: copy in place */
+        if (old < 0) {
+            pool = &m->a.head;
+            nw = pool_pop(m, pool);
+            if (nw < 0) {
+                err = m->type == BPF_MAP_TYPE_LPM_TRIE ? -ENOSPC : -E2BIG;
+                goto out_unlock;
+            }
+        } else {
+            pool = &m->a.spare;
+            nw = pool_pop(m, pool);
+            if (nw < 0) {  /* all spare elements in use by concurrent updates: copy in place */
                 memcpy(helem_value(m, helem(m, (uint32_t)old)), value, stored_size(m));
                 goto out_unlock;
             }
-            count_dec(m);
-            err = -ENOMEM;
-            goto out_unlock;
         }
     }
     e = helem(m, (uint32_t)nw);
-    memcpy(e->key, key, m->key_size);
+    copy_small(e->key, key, ks);
     STORE(&e->hash, h);
     STORE(&e->ref, old >= 0 ? 1u : 0u);
     if (pcpu)
         pcpu_store(m, (uint32_t)nw, value, all_cpus, 1);
     else
-        memcpy(helem_value(m, e), value, stored_size(m));
+        copy_small(helem_value(m, e), value, stored_size(m));
     if (old >= 0) {
         STORE(&e->next, LOAD(&helem(m, (uint32_t)old)->next));
         STORE(link, (uint32_t)nw + 1);
@@ -746,31 +846,31 @@ relock:
     STORE(&e->state, ELEM_LIVE);
     seq_write_unlock(&b->seq, held);
     if (old >= 0) {
-        push_free(m, (uint32_t)old);
-        if (counted)
-            count_dec(m);
+        pool_push(m, pool, (uint32_t)old);
         return 0;
     }
     return 1;
 
 out_unlock:
     seq_write_unlock(&b->seq, held);
-    if (lru && nw >= 0) {
-        push_free(m, (uint32_t)nw);
-        if (counted)
-            count_dec(m);
-    }
+    if (nw >= 0)
+        pool_push(m, pool, (uint32_t)nw);
     return err;
 }
 
-static long htab_delete(struct hybrid_map *m, const void *key)
+static long htab_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags, int all_cpus)
 {
-    uint32_t h = hash_key(m, key), held, *link;
+    return HTAB_BY_KS(m, htab_update_ks, m, key, value, flags, all_cpus);
+}
+
+static FORCE_INLINE long htab_delete_ks(struct hybrid_map *m, const void *key, uint32_t ks)
+{
+    uint32_t h = hash_key_ks(m, key, ks), held, *link;
     struct hbucket *b = hbucket(m, h);
     int64_t old;
 
     held = seq_write_lock(&b->seq);
-    old = chain_find_locked(m, b, key, h, &link);
+    old = chain_find_locked(m, b, key, h, &link, ks);
     if (old < 0) {
         seq_write_unlock(&b->seq, held);
         return -ENOENT;
@@ -778,9 +878,13 @@ static long htab_delete(struct hybrid_map *m, const void *key)
     STORE(link, LOAD(&helem(m, (uint32_t)old)->next));
     STORE(&helem(m, (uint32_t)old)->state, ELEM_ALLOC);
     seq_write_unlock(&b->seq, held);
-    push_free(m, (uint32_t)old);
-    count_dec(m);
+    pool_push(m, &m->a.head, (uint32_t)old);
     return 0;
+}
+
+static long htab_delete(struct hybrid_map *m, const void *key)
+{
+    return HTAB_BY_KS(m, htab_delete_ks, m, key);
 }
 
 /* Kernel iteration: the key after `key`, or the first key when `key` is NULL
@@ -1432,10 +1536,16 @@ int hybrid_map_init(void *at, uint64_t self_off, uint32_t type, uint32_t key_siz
     if (type != BPF_MAP_TYPE_STACK_TRACE && !(map_flags & BPF_F_ZERO_SEED) && getrandom(&m->seed, sizeof(m->seed), GRND_NONBLOCK) != sizeof(m->seed))
         m->seed = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uintptr_t)at;
     if (is_hash(type) && bridge == HYBRID_BRIDGE_NONE) {
-        /* freelist: every element, popped in index order */
-        for (uint32_t i = 0; i < m->nelems; i++)
-            helem(m, i)->next = i + 1 < m->nelems ? i + 2 : 0;
+        /* the pools: elements 0..max_entries-1 for inserts, the rest spare, each
+         * popped in index order; a free element's hash is its depth */
+        for (uint32_t i = 0; i < m->nelems; i++) {
+            uint32_t end = i < max_entries ? max_entries : m->nelems;
+
+            helem(m, i)->next = i + 1 < end ? i + 2 : 0;
+            helem(m, i)->hash = end - i;
+        }
         m->a.head = 1;
+        m->a.spare = (uint64_t)max_entries + 1;
     }
     if (type == BPF_MAP_TYPE_RINGBUF || type == BPF_MAP_TYPE_PERF_EVENT_ARRAY) {
         m->off_a = L.off_a;
@@ -2243,7 +2353,7 @@ uint64_t hybrid_map_count(const struct hybrid_map *m)
     if (unlikely(is_syscall_bridge(m)))
         return bridge_count(m);
     if (is_hash(m->type))
-        return LOAD(&m->a.count);
+        return htab_count(m);
     if (m->type == BPF_MAP_TYPE_QUEUE || m->type == BPF_MAP_TYPE_STACK) {
         uint32_t size = m->max_entries + 1, head = LOAD(&m->a.qhead), tail = LOAD(&m->a.qtail);
 
@@ -2281,7 +2391,7 @@ void *hybrid_map_lookup(struct hybrid_map *m, const void *key)
     }
     case BPF_MAP_TYPE_HASH:
     case BPF_MAP_TYPE_LRU_HASH: {
-        int64_t idx = htab_read(m, key, hash_key(m, key), NULL, COPY_NONE);
+        int64_t idx = htab_find(m, key);
         struct helem *e;
 
         if (idx < 0)
@@ -2293,7 +2403,7 @@ void *hybrid_map_lookup(struct hybrid_map *m, const void *key)
     }
     case BPF_MAP_TYPE_PERCPU_HASH:
     case BPF_MAP_TYPE_LRU_PERCPU_HASH: {
-        int64_t idx = htab_read(m, key, hash_key(m, key), NULL, COPY_NONE);
+        int64_t idx = htab_find(m, key);
 
         if (idx < 0)
             return NULL;
@@ -2312,7 +2422,7 @@ void *hybrid_map_lookup(struct hybrid_map *m, const void *key)
         return i < m->max_entries ? inner_ptr(m, LOAD_ACQ((uint64_t *)array_slot(m, i))) : NULL;
     }
     case BPF_MAP_TYPE_HASH_OF_MAPS: {
-        int64_t idx = htab_read(m, key, hash_key(m, key), NULL, COPY_NONE);
+        int64_t idx = htab_find(m, key);
 
         return idx < 0 ? NULL : inner_ptr(m, LOAD_ACQ((uint64_t *)helem_value(m, helem(m, (uint32_t)idx))));
     }
@@ -2337,7 +2447,7 @@ void *hybrid_map_lookup_cpu(struct hybrid_map *m, const void *key, uint32_t cpu)
     }
     case BPF_MAP_TYPE_PERCPU_HASH:
     case BPF_MAP_TYPE_LRU_PERCPU_HASH:
-        idx = htab_read(m, key, hash_key(m, key), NULL, COPY_NONE);
+        idx = htab_find(m, key);
         if (idx < 0)
             return NULL;
         if (m->type == BPF_MAP_TYPE_LRU_PERCPU_HASH && !LOAD(&helem(m, (uint32_t)idx)->ref))
@@ -2629,12 +2739,30 @@ long hybrid_map_peek(struct hybrid_map *m, void *value)
 /* helpers, with the kernel's ids                                            */
 
 /*   1 */
+/* The helpers go straight to the hash operations for the hash maps of
+ * this region (not bridged), the common case on a program's hot path;
+ * every other map takes the generic path. */
+static inline int is_own_htab(const struct hybrid_map *m)
+{
+    uint32_t t = m->type;
+
+    return (t == BPF_MAP_TYPE_HASH || t == BPF_MAP_TYPE_LRU_HASH || t == BPF_MAP_TYPE_PERCPU_HASH ||
+            t == BPF_MAP_TYPE_LRU_PERCPU_HASH) && m->bridge == HYBRID_BRIDGE_NONE;
+}
+
 uint64_t hybrid_helper_map_lookup_elem(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
 {
+    struct hybrid_map *m = (struct hybrid_map *)(uintptr_t)r1;
+
     (void)r3; (void)r4; (void)r5;
     if (unlikely(!r1 || !r2))
         return 0;
-    return (uintptr_t)hybrid_map_lookup((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2);
+    if (likely(m->type == BPF_MAP_TYPE_HASH && m->bridge == HYBRID_BRIDGE_NONE)) {
+        int64_t idx = htab_find(m, (const void *)(uintptr_t)r2);
+
+        return idx < 0 ? 0 : (uintptr_t)helem_value(m, helem(m, (uint32_t)idx));
+    }
+    return (uintptr_t)hybrid_map_lookup(m, (const void *)(uintptr_t)r2);
 }
 
 /*   2 */
@@ -2660,6 +2788,12 @@ uint64_t hybrid_helper_map_update_elem(uint64_t r1, uint64_t r2, uint64_t r3, ui
     (void)r5;
     if (unlikely(!r1 || !r3))
         return NEG(-EINVAL);
+    if (likely(is_own_htab((struct hybrid_map *)(uintptr_t)r1))) {
+        long err = htab_update((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2,
+                               (const void *)(uintptr_t)r3, r4, 0);
+
+        return NEG(err < 0 ? err : 0);
+    }
     if (unlikely(!program_may_write((struct hybrid_map *)(uintptr_t)r1)))
         return NEG(-EPERM);
     return NEG(hybrid_map_update((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2,
@@ -2672,6 +2806,8 @@ uint64_t hybrid_helper_map_delete_elem(uint64_t r1, uint64_t r2, uint64_t r3, ui
     (void)r3; (void)r4; (void)r5;
     if (unlikely(!r1))
         return NEG(-EINVAL);
+    if (likely(is_own_htab((struct hybrid_map *)(uintptr_t)r1)))
+        return NEG(htab_delete((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2));
     if (unlikely(!program_may_write((struct hybrid_map *)(uintptr_t)r1)))
         return NEG(-EPERM);
     return NEG(hybrid_map_delete((struct hybrid_map *)(uintptr_t)r1, (const void *)(uintptr_t)r2));
@@ -2728,9 +2864,27 @@ static inline uint64_t xorshift(uint64_t *s)
     return x * 0x2545f4914f6cdd1dull;
 }
 
+/* The helpers a program calls (their fast paths for hash maps), as results
+ * of the C API: the drivers below use them on every other operation. */
+static void *helper_lookup(struct hybrid_map *m, const void *key)
+{
+    return (void *)(uintptr_t)hybrid_helper_map_lookup_elem((uintptr_t)m, (uintptr_t)key, 0, 0, 0);
+}
+
+static long helper_update(struct hybrid_map *m, const void *key, const void *value, uint64_t flags)
+{
+    return (long)hybrid_helper_map_update_elem((uintptr_t)m, (uintptr_t)key, (uintptr_t)value, flags, 0);
+}
+
+static long helper_delete(struct hybrid_map *m, const void *key)
+{
+    return (long)hybrid_helper_map_delete_elem((uintptr_t)m, (uintptr_t)key, 0, 0, 0);
+}
+
 /* Counting, the way a probe counts: lookup; insert zero if absent; atomic add.
  * Keys are u32 in [0, nkeys).  Returns the number of failed operations
- * (updates that fail, lookups that miss a key just inserted). */
+ * (updates that fail, lookups that miss a key just inserted).  Odd
+ * iterations go through the program helpers, even ones through the C API. */
 int64_t hybrid_test_count(struct hybrid_map *m, uint32_t nkeys, uint64_t iters, uint64_t seed)
 {
     uint64_t zero[64] = {0};
@@ -2741,14 +2895,15 @@ int64_t hybrid_test_count(struct hybrid_map *m, uint32_t nkeys, uint64_t iters, 
         return -EINVAL;
     for (uint64_t n = 0; n < iters; n++) {
         uint32_t k = (uint32_t)(xorshift(&s) % nkeys);
-        uint64_t *v = hybrid_map_lookup(m, &k);
+        const int h = (int)(n & 1);
+        uint64_t *v = h ? helper_lookup(m, &k) : hybrid_map_lookup(m, &k);
 
         if (!v) {
-            long r = hybrid_map_update(m, &k, zero, BPF_NOEXIST);
+            long r = h ? helper_update(m, &k, zero, BPF_NOEXIST) : hybrid_map_update(m, &k, zero, BPF_NOEXIST);
 
             if (r && r != -EEXIST)
                 errors++;
-            v = hybrid_map_lookup(m, &k);
+            v = h ? helper_lookup(m, &k) : hybrid_map_lookup(m, &k);
             if (!v) {
                 errors += !is_lru(m->type);  /* LRU: another thread's insert may have evicted it */
                 continue;
@@ -2766,19 +2921,23 @@ int64_t hybrid_test_count(struct hybrid_map *m, uint32_t nkeys, uint64_t iters, 
 /* Random inserts, updates, deletes and lookups on the caller's own keys
  * [key_base, key_base + nkeys) while others work on theirs; `present` is the
  * caller's view of which keys exist.  Returns the number of results that
- * differ from what a correct map must answer. */
+ * differ from what a correct map must answer.  Keys are u32 or u64 (the
+ * same numbers); about half the operations go through the program helpers. */
 int64_t hybrid_test_churn(struct hybrid_map *m, uint32_t key_base, uint32_t nkeys, uint64_t iters, uint64_t seed,
                           uint8_t *present)
 {
     uint64_t s = seed | 1, val[8] = {0}, out[8];
     int64_t bad = 0;
 
-    if (m->key_size != 4 || m->value_size < 24 || m->value_size > sizeof(val) || is_percpu(m->type) || nkeys == 0)
+    if ((m->key_size != 4 && m->key_size != 8) || m->value_size < 24 || m->value_size > sizeof(val) ||
+        is_percpu(m->type) || nkeys == 0)
         return -EINVAL;
     for (uint64_t n = 0; n < iters; n++) {
         uint64_t r = xorshift(&s);
         uint32_t i = (uint32_t)(r % nkeys), k = key_base + i;
-        int op = (int)((r >> 32) % 5);
+        uint64_t k64 = k;
+        const void *key = m->key_size == 8 ? (const void *)&k64 : (const void *)&k;
+        int op = (int)((r >> 32) % 5), h = (int)((r >> 40) & 1);
         long ret;
 
         val[0] = k;
@@ -2786,28 +2945,28 @@ int64_t hybrid_test_churn(struct hybrid_map *m, uint32_t key_base, uint32_t nkey
         val[2] = k ^ n ^ CHURN_MAGIC;
         switch (op) {
         case 0:
-            ret = hybrid_map_update(m, &k, val, BPF_NOEXIST);
+            ret = h ? helper_update(m, key, val, BPF_NOEXIST) : hybrid_map_update(m, key, val, BPF_NOEXIST);
             bad += present[i] ? ret != -EEXIST : ret != 0;
             present[i] = 1;
             break;
         case 1:
-            ret = hybrid_map_update(m, &k, val, BPF_EXIST);
+            ret = h ? helper_update(m, key, val, BPF_EXIST) : hybrid_map_update(m, key, val, BPF_EXIST);
             bad += present[i] ? ret != 0 : ret != -ENOENT;
             break;
         case 2:
-            ret = hybrid_map_delete(m, &k);
+            ret = h ? helper_delete(m, key) : hybrid_map_delete(m, key);
             bad += present[i] ? ret != 0 : ret != -ENOENT;
             present[i] = 0;
             break;
         case 3:
-            ret = hybrid_map_lookup_copy(m, &k, out);
+            ret = hybrid_map_lookup_copy(m, key, out);
             if (present[i])
                 bad += ret != 0 || out[0] != k || out[2] != (out[0] ^ out[1] ^ CHURN_MAGIC);
             else
                 bad += ret != -ENOENT;
             break;
         default: {
-            uint64_t *v = hybrid_map_lookup(m, &k);
+            uint64_t *v = h ? helper_lookup(m, key) : hybrid_map_lookup(m, key);
 
             bad += present[i] ? (v == NULL || v[0] != k) : v != NULL;
             if (unlikely(is_syscall_bridge(m)))

@@ -103,7 +103,8 @@ enum {
 
 #define HYBRID_MAP_MAGIC "HYBRIDMP"
 #define HYBRID_REGION_MAGIC "HYBRIDRG"
-#define HYBRID_LAYOUT_VERSION 2         /* 2: bridge, kernel_id (maps backed by kernel maps) */
+#define HYBRID_LAYOUT_VERSION 3         /* 2: bridge, kernel_id (maps backed by kernel maps);
+                                         * 3: hash maps' two element pools, hash_word for 4/8-byte keys */
 #define HYBRID_RING_MAGIC 0x52494e47u /* "RING" */
 
 #define HYBRID_MAX_KEY_SIZE 512          /* MAX_BPF_STACK: keys live on the program stack */
@@ -152,10 +153,10 @@ struct hybrid_map {
     uint32_t inner_type, inner_key_size, inner_value_size, inner_max_entries, inner_flags;
     uint32_t kernel_id;      /* bridged maps: the kernel map's id (BPF_MAP_GET_FD_BY_ID) */
     char name[64];           /* NUL-terminated */
-    /* mutable: allocation state (hash freelist, element count, queue) */
+    /* mutable: allocation state (hash element pools, queue) */
     struct {
-        uint64_t head;       /* Treiber stack: tag << 32 | (index + 1) */
-        uint32_t count;
+        uint64_t head;       /* hash: free elements for inserts, a Treiber stack: tag << 32 | (index + 1) */
+        uint64_t spare;      /* hash: spare elements for replacements, the same */
         uint32_t lock;
         uint32_t qhead, qtail;
     } __attribute__((aligned(CACHELINE))) a;
@@ -196,7 +197,7 @@ enum { ELEM_FREE = 0, ELEM_ALLOC = 1, ELEM_LIVE = 2 };
 /* hash element: header, key (rounded up to 8), then the value (not for per-CPU maps) */
 struct helem {
     uint32_t next;           /* chain or freelist link: index + 1, 0 = end */
-    uint32_t hash;
+    uint32_t hash;           /* live: the key's hash; free: its depth in the pool's stack (maps.c) */
     uint32_t state;
     uint32_t ref;            /* LRU: accessed since the clock hand last passed */
     unsigned char key[];
@@ -404,6 +405,19 @@ static inline uint64_t hash_bytes(const void *data, uint32_t len, uint64_t seed)
         h ^= k;
     }
     return fmix64(h);
+}
+
+/* 32-bit hash of a 4- or 8-byte key: two multiply-xorshift rounds, every
+ * key bit reaches every result bit (cheaper than hash_bytes, for the
+ * common u32/u64 hash map keys). */
+static inline uint32_t hash_word(uint64_t k, uint64_t seed)
+{
+    uint64_t h = (k ^ seed) * 0x9e3779b97f4a7c15ull;
+
+    h ^= h >> 32;
+    h *= 0xd6e8feb86659fd93ull;
+    h ^= h >> 32;
+    return (uint32_t)h;
 }
 
 static inline uint64_t round_up(uint64_t x, uint64_t a)
