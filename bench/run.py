@@ -90,6 +90,8 @@ SUITES: list[Suite] = [
           "the ported bcc tools against Debian's bcc tools: what each adds to the traced workload"),
     Suite("load", "bench_load",
           "a libbpf-tools style program: its loader alone (kernel probes) vs under hybrid load (in the process)"),
+    Suite("xdp", "bench_xdp",
+          "XDP programs: kernel XDP (native, generic) vs userspace XDP over AF_XDP, packets/s and cost per packet"),
 ]
 
 

@@ -185,6 +185,12 @@ def _attach_host(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _xdp_attach(args: argparse.Namespace) -> int:
+    from hybrid.xdp.cli import attach
+
+    return attach(args)
+
+
 def _features(args: argparse.Namespace) -> int:
     import json
 
@@ -440,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     fe = sub.add_parser("features", help="what the running kernel can do (kprobes, fentry, ring buffers...)")
     fe.add_argument("--json", action="store_true", help="print JSON")
     fe.set_defaults(func=_features)
+
+    from hybrid.xdp.cli import add_parser as _xdp_parser
+
+    _xdp_parser(sub, _xdp_attach)
 
     ao = sub.add_parser("aot", help="ahead-of-time compile a program into a standalone executable or library")
     ao_sub = ao.add_subparsers(dest="aot_command", required=True, metavar="ACTION")
