@@ -21,6 +21,7 @@ uint64_t hybrid_helper_get_current_uid_gid(uint64_t r1, uint64_t r2, uint64_t r3
 uint64_t hybrid_helper_get_current_comm(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5);
 uint64_t hybrid_helper_ktime_get_boot_ns(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5);
 uint64_t hybrid_helper_ktime_get_coarse_ns(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5);
+int hybrid_clock_source(void);    /* how ktime_get_ns reads the clock: 1 the kernel's vvar data + rdtsc, 2 clock_gettime() */
 /* cdef-end */
 
 /* Thread-locals of the hit path.  initial-exec: one %fs-relative load, no
