@@ -61,12 +61,17 @@
  * them without signals: it waits until every thread seen inside a probe has
  * left it (RCU by observation); then arrays, and JIT code, may be freed.
  *
- * uretprobes: the entry dispatcher pushes {return address, rsp, site} and
- * replaces the return address on the stack with the global return
- * trampoline, which saves the registers (rax/rdx = return values), calls
- * the return dispatcher (pops the entry whose rsp matches, discarding
- * deeper stale ones left by longjmp), runs the return programs and returns
- * to the real address.
+ * uretprobes: the entry dispatcher pushes {return address, rsp, site} on the
+ * thread's shadow stack; the site's trampoline then drops the return address
+ * and calls the function in its place (the call pushes the trampoline's
+ * landing where the return address was: the function sees the same stack),
+ * so its `ret` comes back to the landing, which jumps to the global return
+ * trampoline.  That saves the registers (rax/rdx = return values), calls the
+ * return dispatcher (pops the entry whose rsp matches, discarding deeper
+ * stale ones left by longjmp), runs the return programs and returns to the
+ * real address.  Calling rather than overwriting the return address keeps
+ * the CPU's return-address predictor right for both returns.  (With an
+ * override the return address is overwritten with the return trampoline.)
  *
  * Syscall sites: the trampoline of a `syssite` saves pt_regs (orig_ax = NR,
  * ax = -ENOSYS), calls the enter dispatcher, restores, runs the `syscall`
@@ -154,6 +159,7 @@ struct site {
     uint8_t orig[16];
     struct insn insn[MAX_INSN];
     uint64_t entry;         /* trampoline entry */
+    uint64_t landing;       /* where the function returns to when called from the trampoline (uretprobes) */
     struct att_array *pub;  /* published attachments (hit path) */
     char *where;            /* "MODULE+0xVADDR" */
     /* during an apply, under the control mutex */
@@ -367,12 +373,13 @@ static inline uint64_t run_prog(struct thr *t, struct att *at, void *ctx, uint64
     pc->override = 0;
     pc->pad = 0;
     pc->override_rc = 0;
-    prev = hybrid_probe_enter(pc);
+    prev = hybrid_current_probe;    /* hybrid_probe_enter(), inline: a TLS store, no call */
+    hybrid_current_probe = pc;
     t0 = hybrid_stats_begin(at->stats);    /* a branch, unless run time is measured */
     r = ((uint64_t(*)(void *))at->entry)(ctx);
     hybrid_bridge_flush_fast();    /* writes through lookups of kernel-backed maps (maps.c); a branch if none */
     hybrid_stats_end(at->stats, at->stats_index, t0);
-    hybrid_probe_restore(prev);
+    hybrid_current_probe = prev;
     if (LIKELY(at->slot >= 0))
         t->hits[at->slot]++;    /* exact, thread-private */
     else
@@ -380,13 +387,21 @@ static inline uint64_t run_prog(struct thr *t, struct att *at, void *ctx, uint64
     return r;
 }
 
-/* Entry of a site: 1 = return now with regs->ax (override), 0 = go on. */
+/* A return address that leads to the return trampoline: the site's landing
+ * (the function was called from its trampoline) or the return trampoline. */
+static inline int returns_to_agent(const struct site *s, uint64_t ret)
+{
+    return ret == ret_tramp || (s && s->landing && ret == s->landing);
+}
+
+/* Entry of a site: 1 = return now with regs->ax (override), 0 = go on,
+ * 2 = go on, calling the function (a return probe wants its return). */
 __attribute__((used)) static int agent_hit(struct hybrid_pt_regs *regs, struct site *s)
 {
     struct thr *t = self;
     struct att_array *a;
     struct hybrid_probe_ctx pc;
-    int override = 0, want_ret = 0;
+    int override = 0, want_ret = 0, call = 0;
     uint32_t i;
 
     if (UNLIKELY(!t)) {
@@ -421,7 +436,8 @@ __attribute__((used)) static int agent_hit(struct hybrid_pt_regs *regs, struct s
              * the return trampoline; both entries stay and both run at the return, as in the kernel. */
             while (t->depth > 0 && (t->stack[t->depth - 1].sp < regs->sp ||
                                     (t->stack[t->depth - 1].sp == regs->sp &&
-                                     *(uint64_t *)(uintptr_t)regs->sp != ret_tramp)))
+                                     !returns_to_agent(t->stack[t->depth - 1].site,
+                                                       *(uint64_t *)(uintptr_t)regs->sp))))
                 t->depth--;
             if (t->depth < SHADOW_DEPTH) {
                 uint64_t *slot = (uint64_t *)(uintptr_t)regs->sp;
@@ -433,14 +449,17 @@ __attribute__((used)) static int agent_hit(struct hybrid_pt_regs *regs, struct s
                 __atomic_signal_fence(__ATOMIC_SEQ_CST);
                 t->depth++;
                 __atomic_signal_fence(__ATOMIC_SEQ_CST);
-                *slot = ret_tramp;
+                if (override || !s->landing)
+                    *slot = ret_tramp;
+                else
+                    call = 1;    /* the trampoline calls the function: its return lands on s->landing */
             } else {
                 miss_all(a, F_RETURN, F_RETURN);
             }
         }
     }
     probe_end(t);
-    return override;
+    return override ? 1 : call ? 2 : 0;
 }
 
 static void agent_fatal(const char *msg)
@@ -1155,7 +1174,7 @@ static void emit_jmp_back(struct cbuf *c, uint64_t target)
 static int build_trampoline(struct site *s, char *err, size_t errlen)
 {
     struct cbuf *c = calloc(1, sizeof(*c));
-    int rc, jnz = 0;
+    int rc, jnz = 0, body = 0, landing = -1;
     uint64_t at;
 
     if (!c)
@@ -1194,11 +1213,12 @@ static int build_trampoline(struct site *s, char *err, size_t errlen)
     } else {
         emit_save(c, 128, 0, s->addr);
         emit_call(c, (void *)agent_hit, (uint64_t)(uintptr_t)s);
-        eb(c, "\x85\xc0\x0f\x85", 4);         /* test eax,eax; jnz override */
+        eb(c, "\x85\xc0\x0f\x85", 4);         /* test eax,eax; jnz special */
         jnz = c->n;
         e32(c, 0);
         emit_restore(c);
         lea_rsp(c, FRAME + 128);
+        body = c->n;
         rc = emit_displaced(c, s, 0, s->ninsn, err, errlen);
     }
     if (rc == 0) {
@@ -1206,8 +1226,25 @@ static int build_trampoline(struct site *s, char *err, size_t errlen)
         emit_jmp_back(c, s->addr + s->len);
         if (jnz) {
             uint32_t d = (uint32_t)(c->n - (jnz + 4));
+            int jne;
 
             memcpy(&c->b[jnz], &d, 4);
+            /* 2: a return probe wants the return.  The return address leaves the stack
+             * (it is in the shadow stack) and the trampoline calls the function in its
+             * place, so the function's `ret` and the return trampoline's final `ret`
+             * both match the CPU's return stack: no mispredicted return, where
+             * overwriting the return address costs two. */
+            eb(c, "\x83\xf8\x02\x0f\x85", 5); /* cmp eax,2; jne override */
+            jne = c->n;
+            e32(c, 0);
+            emit_restore(c);
+            lea_rsp(c, FRAME + 128 + 8);
+            e8(c, 0xe8);                      /* call body */
+            e32(c, (uint32_t)(body - (c->n + 4)));
+            landing = c->n;
+            jmp_abs(c, ret_tramp);            /* the landing: on to the return trampoline */
+            d = (uint32_t)(c->n - (jne + 4));
+            memcpy(&c->b[jne], &d, 4);
             emit_restore(c);
             lea_rsp(c, FRAME + 128);
             e8(c, 0xc3);                      /* ret: the override */
@@ -1226,6 +1263,7 @@ static int build_trampoline(struct site *s, char *err, size_t errlen)
     if (rc == 0) {
         sync_cores();
         s->entry = at;
+        s->landing = landing >= 0 && ret_tramp ? at + (uint64_t)landing : 0;
     }
     code_trim(at, rc == 0 ? (uint64_t)c->n : 0);
     free(c);
