@@ -32,9 +32,9 @@ stand for bcc's opensnoop when it does not run: it is tried, and its error kept 
 benchmarks' ``hybrid_bcc_problem``).  A side that could not run has no benchmark; the
 case's ``untraced`` benchmark says why (``hybrid_missing_<side>``).
 
-Full runs: 10M function calls (bcc's ``lea`` case 1M: ~17 µs a call, 3 minutes for 10M),
-1M getppid x 5 runs, 2M malloc/free pairs, 200k openat x 5 runs (interleaved); about
-4 minutes.  ``--quick``: 1M calls (bcc's 100k), 200k getppid, 500k pairs (bcc's 50k),
+Full runs: 10M function calls x 3 runs (bcc's ``lea`` case 1M: ~17 µs a call, 3 minutes
+for 10M), 1M getppid x 5 runs, 2M malloc/free pairs, 200k openat x 5 runs (runs
+interleaved, medians reported); about 6 minutes.  ``--quick``: 1M calls (bcc's 100k), 200k getppid, 500k pairs (bcc's 50k),
 20k openat, one run each, no memleak kernel mode; about half a minute.
 
 :func:`rows`, :func:`summarize` and :func:`missed_goals` read the JSON; importing this module
@@ -76,7 +76,8 @@ class Sizes:
     bcc_calls: dict           # workload -> calls under bcc
     syscalls: int
     syscall_repeat: int
-    repeat: int               # runs of the function and memleak cases
+    fn_repeat: int            # runs of the function cases (interleaved, medians reported)
+    repeat: int               # runs of the memleak cases
     pairs: int                # malloc/free pairs: untraced and the port
     bcc_pairs: int            # under memleak-bpfcc and the port's kernel mode
     opens: int
@@ -84,9 +85,9 @@ class Sizes:
     memleak_kernel: bool      # also the memleak port's --mode kernel
 
 
-FULL = Sizes(10_000_000, {"work": 1_000_000, "work_push": 10_000_000}, 1_000_000, 5, 1,
+FULL = Sizes(10_000_000, {"work": 1_000_000, "work_push": 10_000_000}, 1_000_000, 5, 3, 1,
              2_000_000, 2_000_000, 200_000, 5, True)
-QUICK = Sizes(1_000_000, {"work": 100_000, "work_push": 100_000}, 200_000, 1, 1,
+QUICK = Sizes(1_000_000, {"work": 100_000, "work_push": 100_000}, 200_000, 1, 1, 1,
               500_000, 50_000, 20_000, 1, False)
 
 
@@ -181,7 +182,7 @@ def measure_functions(sizes: Sizes, only: tuple[str, ...], output: str | None, q
         sys_ = c.workload == "getppid"
         n = sizes.syscalls if sys_ else sizes.calls
         nb = n if sys_ else sizes.bcc_calls[c.workload]
-        repeat = sizes.syscall_repeat if sys_ else sizes.repeat
+        repeat = sizes.syscall_repeat if sys_ else sizes.fn_repeat
         insn = "syscall" if sys_ else fl.first_instruction(exe, c.workload)
         case = Case(c.tool, CASE_OF[c.workload], dict(common, hybrid_first_insn=insn, hybrid_workload=c.workload))
         other = Case(c.tool, CASE_OF[c.workload] + "-other", dict(common, hybrid_first_insn=insn,
