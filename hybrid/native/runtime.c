@@ -24,6 +24,8 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
@@ -41,6 +43,16 @@ static uint64_t clock_ns(clockid_t clock)
     if (clock_gettime(clock, &ts) != 0)
         return 0;
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int64_t timens_offset(clockid_t clock);
+
+/* The clock as the kernel's helpers see it: without the time namespace's offset. */
+static uint64_t host_clock_ns(clockid_t clock)
+{
+    uint64_t v = clock_ns(clock);
+
+    return v ? v - (uint64_t)timens_offset(clock) : 0;
 }
 
 /*
@@ -61,11 +73,20 @@ static uint64_t clock_ns(clockid_t clock)
  * max_cycles, at the start of [vvar]).  clock_init() checks it once per
  * process: the page must be readable (copied through a pipe first), its clock
  * mode TSC, its mask all ones, and the computed times must fall between two
- * clock_gettime() calls, again and again.  Anything else (another layout, a
- * time namespace's page, kvm-clock or HPET, a kernel changing clocksource
- * later: clock_mode is checked on every read) uses clock_gettime().
+ * clock_gettime() calls, again and again.  Anything else (another layout,
+ * kvm-clock or HPET, a kernel changing clocksource later: clock_mode is
+ * checked on every read) uses clock_gettime(), as does HYBRID_CLOCK=vdso in
+ * the environment.
+ *
+ * Time namespaces: the kernel's helpers ignore them (bpf_ktime_get_ns is the
+ * host's CLOCK_MONOTONIC in every task), and so do these, so that times taken
+ * by kernel and userspace programs compare.  In a namespace [vvar] starts with
+ * the namespace's page (clock mode TIMENS) and the kernel's data is the page
+ * after it; the namespace's offsets (/proc/self/timens_offsets) are taken off
+ * clock_gettime()'s values when checking it, and in the fallback.
  */
 #define VDSO_CLOCKMODE_TSC 1
+#define VDSO_CLOCKMODE_TIMENS INT32_MAX
 #define VDSO_BASES 12
 
 struct vdso_clock_data {
@@ -80,6 +101,7 @@ struct vdso_clock_data {
 };
 
 static const struct vdso_clock_data *vvar_clock;    /* NULL: clock_gettime() */
+static int64_t timens_off[2];                       /* the time namespace's CLOCK_MONOTONIC, CLOCK_BOOTTIME offsets */
 static int clock_state;                             /* hybrid_clock_source(): 0 unchecked, 1 vvar, 2 vDSO */
 
 #if defined(__x86_64__)
@@ -171,7 +193,8 @@ static uintptr_t find_vvar(void)
     return found;
 }
 
-static int vvar_plausible(uintptr_t at)
+/* The clock data at `at`, copied: 0 when the page cannot be read. */
+static int vvar_copy(uintptr_t at, struct vdso_clock_data *out)
 {
     struct vdso_clock_data copy;
     int pfd[2];
@@ -187,8 +210,28 @@ static int vvar_plausible(uintptr_t at)
     hybrid_raw_syscall(SYS_close, pfd[1], 0, 0, 0, 0, 0);
     if (n != (long)sizeof(copy))
         return 0;
-    return copy.clock_mode == VDSO_CLOCKMODE_TSC && copy.mask == ~0ull && copy.mult != 0 && copy.shift < 64 &&
-           copy.max_cycles != 0;
+    *out = copy;
+    return 1;
+}
+
+static int vvar_plausible(uintptr_t at)
+{
+    struct vdso_clock_data copy;
+
+    return vvar_copy(at, &copy) && copy.clock_mode == VDSO_CLOCKMODE_TSC && copy.mask == ~0ull &&
+           copy.mult != 0 && copy.shift < 64 && copy.max_cycles != 0;
+}
+
+/* The kernel's clock data: the first page of [vvar], or in a time namespace the next one. */
+static uintptr_t vvar_data(uintptr_t at)
+{
+    struct vdso_clock_data first;
+
+    if (vvar_plausible(at))
+        return at;
+    if (vvar_copy(at, &first) && first.clock_mode == VDSO_CLOCKMODE_TIMENS && vvar_plausible(at + 4096))
+        return at + 4096;
+    return 0;
 }
 
 static int vvar_agrees(const struct vdso_clock_data *vc)
@@ -198,7 +241,8 @@ static int vvar_agrees(const struct vdso_clock_data *vc)
 
     for (unsigned c = 0; c < sizeof(clocks) / sizeof(clocks[0]); c++)
         for (int i = 0; i < 64; i++) {
-            uint64_t a = clock_ns(clocks[c].id), x = vvar_ns(vc, clocks[c].clk, 1), b = clock_ns(clocks[c].id);
+            uint64_t a = host_clock_ns(clocks[c].id), x = vvar_ns(vc, clocks[c].clk, 1);
+            uint64_t b = host_clock_ns(clocks[c].id);
 
             if (a == 0 || x < a || x > b)
                 return 0;
@@ -207,15 +251,56 @@ static int vvar_agrees(const struct vdso_clock_data *vc)
 }
 #endif
 
+/* "monotonic SECS NSECS" and "boottime SECS NSECS" lines (Linux >= 5.6; none: offsets 0). */
+static void read_timens_offsets(void)
+{
+    char buf[256];
+    long fd = hybrid_raw_syscall(SYS_openat, AT_FDCWD, (long)"/proc/self/timens_offsets", O_RDONLY | O_CLOEXEC,
+                                 0, 0, 0);
+    long n;
+
+    if (fd < 0)
+        return;
+    n = hybrid_raw_syscall(SYS_read, fd, (long)buf, sizeof(buf) - 1, 0, 0, 0);
+    hybrid_raw_syscall(SYS_close, fd, 0, 0, 0, 0, 0);
+    if (n <= 0)
+        return;
+    buf[n] = 0;
+    for (char *line = buf; line && *line;) {
+        char *next = strchr(line, '\n');
+        long long sec = 0, nsec = 0;
+        char name[16];
+
+        if (next)
+            *next++ = 0;
+        if (sscanf(line, "%15s %lld %lld", name, &sec, &nsec) == 3) {
+            if (strcmp(name, "monotonic") == 0)
+                timens_off[0] = (int64_t)(sec * 1000000000ll + nsec);
+            else if (strcmp(name, "boottime") == 0)
+                timens_off[1] = (int64_t)(sec * 1000000000ll + nsec);
+        }
+        line = next;
+    }
+}
+
+static int64_t timens_offset(clockid_t clock)
+{
+    return clock == CLOCK_BOOTTIME ? timens_off[1] : timens_off[0];
+}
+
 static void clock_init(void)
 {
     int state = 2;
 
+    read_timens_offsets();
 #if defined(__x86_64__)
     {
-        uintptr_t at = find_vvar();
+        const char *want = getenv("HYBRID_CLOCK");    /* "vdso": always clock_gettime() */
+        uintptr_t at = want && strcmp(want, "vdso") == 0 ? 0 : find_vvar();
 
-        if (at && vvar_plausible(at) && vvar_agrees((const struct vdso_clock_data *)at)) {
+        if (at)
+            at = vvar_data(at);
+        if (at && vvar_agrees((const struct vdso_clock_data *)at)) {
             vvar_clock = (const struct vdso_clock_data *)at;
             state = 1;
         }
@@ -243,7 +328,7 @@ static inline uint64_t fast_clock_ns(clockid_t id)
             return ns;
     }
 #endif
-    return clock_ns(id);
+    return host_clock_ns(id);
 }
 
 uint64_t hybrid_helper_ktime_get_ns(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
@@ -261,7 +346,7 @@ uint64_t hybrid_helper_ktime_get_boot_ns(uint64_t r1, uint64_t r2, uint64_t r3, 
 uint64_t hybrid_helper_ktime_get_coarse_ns(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4, uint64_t r5)
 {
     UNUSED5;
-    return clock_ns(CLOCK_MONOTONIC_COARSE);
+    return host_clock_ns(CLOCK_MONOTONIC_COARSE);
 }
 
 /* xorshift64* per thread, seeded once from getrandom(); no syscall per call. */

@@ -20,6 +20,7 @@ lib = _native.lib
 ROOT = Path(__file__).resolve().parents[2]
 CLOCKSOURCE = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
 VVAR, VDSO = 1, 2  # hybrid_clock_source()
+CLOCK_MONOTONIC_COARSE = 6  # <linux/time.h>; not in the time module
 
 
 def ktime() -> int:
@@ -73,28 +74,47 @@ def test_readings_never_go_back_on_any_thread():
     assert not errors
 
 
-def test_a_time_namespace_falls_back_to_clock_gettime():
-    """A process in a time namespace has its namespace's page where the clock data was: the helpers
-    notice (the page's clock mode) and give that namespace's clock_gettime(), never a hang or a
-    wrong clock."""
+def in_time_namespace(code: str, *offsets: str, env: dict | None = None) -> list[str]:
+    """stdout words of ``python -c code`` run in a new time namespace (unshare --time OFFSETS)."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not os.path.exists("/proc/self/ns/time"):
         pytest.skip("needs root, unshare(1) and time namespaces")
-    code = (
-        "import time\n"
-        "from hybrid import _native\n"
-        "lib = _native.lib\n"
-        "lo = time.clock_gettime_ns(time.CLOCK_MONOTONIC)\n"
-        "x = lib.hybrid_helper_ktime_get_ns(0, 0, 0, 0, 0)\n"
-        "hi = time.clock_gettime_ns(time.CLOCK_MONOTONIC)\n"
-        "print(lib.hybrid_clock_source(), lo <= x <= hi, lo)\n"
-    )
-    offset = 1000000  # seconds: the namespace's monotonic clock is 11.6 days ahead
-    r = subprocess.run(["unshare", "--time", "--monotonic", str(offset), "--fork", sys.executable, "-c", code],
+    r = subprocess.run(["unshare", "--time", *offsets, "--fork", sys.executable, "-c", code],
                        capture_output=True, text=True, timeout=60, cwd=str(ROOT),
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     if r.returncode and "unshare failed" in r.stderr:
         pytest.skip("no time namespaces here: " + r.stderr.strip())
     assert r.returncode == 0, r.stderr
-    source, between, lo = r.stdout.split()
-    assert source == str(VDSO) and between == "True"
-    assert int(lo) > time.clock_gettime_ns(time.CLOCK_MONOTONIC) + (offset - 10) * 10**9
+    return r.stdout.split()
+
+
+NS_CODE = (
+    "import time\n"
+    "from hybrid import _native\n"
+    "lib = _native.lib\n"
+    "print(lib.hybrid_clock_source(), time.clock_gettime_ns(time.CLOCK_MONOTONIC),\n"
+    "      lib.hybrid_helper_ktime_get_ns(0, 0, 0, 0, 0), lib.hybrid_helper_ktime_get_boot_ns(0, 0, 0, 0, 0),\n"
+    "      lib.hybrid_helper_ktime_get_coarse_ns(0, 0, 0, 0, 0))\n"
+)
+
+
+@pytest.mark.parametrize("clock", ["default", "vdso"])
+def test_a_time_namespace_does_not_move_the_clocks(clock):
+    """The kernel's bpf_ktime_get_ns ignores time namespaces (it is the host's clock in every task),
+    and so do the helpers: in a namespace whose monotonic clock is 11.6 days ahead and boot clock 5.8, they
+    still read the host's clocks, through the kernel's data page that follows the namespace's."""
+    offset = 1000000  # seconds
+    before = [time.clock_gettime_ns(c) for c in (time.CLOCK_MONOTONIC, time.CLOCK_BOOTTIME)]
+    coarse_before = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+    source, ns_mono, ktime_, boot_, coarse = (int(w) for w in in_time_namespace(
+        NS_CODE, "--monotonic", str(offset), "--boottime", str(offset // 2),
+        env={"HYBRID_CLOCK": clock} if clock == "vdso" else None))
+    after = [time.clock_gettime_ns(c) for c in (time.CLOCK_MONOTONIC, time.CLOCK_BOOTTIME)]
+    coarse_after = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+    assert ns_mono > after[0] + (offset - 10) * 10**9  # the namespace's own clock is ahead
+    assert before[0] <= ktime_ <= after[0]
+    assert before[1] <= boot_ <= after[1]
+    assert coarse_before <= coarse <= coarse_after
+    if clock == "vdso":
+        assert source == VDSO  # clock_gettime() less the namespace's offsets
+    elif clocksource() == "tsc":
+        assert source == VVAR  # the kernel's page after the namespace's
