@@ -637,8 +637,11 @@ def test_recursion_guard_counts_missed(build, region, libtarget):
     del helper
 
 
-def test_attach_detach_while_threads_hammer(build, region, libtarget):
-    """2000 attach/detach cycles of a 3-instruction window while 2 threads call the function."""
+@pytest.mark.parametrize("flags", [2, 3], ids=["entry", "return"])
+def test_attach_detach_while_threads_hammer(build, region, libtarget, flags):
+    """2000 attach/detach cycles of a 3-instruction window while 2 threads call the function: an
+    entry probe, or a return probe (calls entered while attached return through the trampoline's
+    landing, also after the detach)."""
     so, base = libtarget
     path = str(build / "libtarget.so")
     v = symbol(path, "f_push")
@@ -655,7 +658,7 @@ def test_attach_detach_while_threads_hammer(build, region, libtarget):
     t.start()
     try:
         for i in range(2000):
-            rc, err = apply(f"uprobe {1000 + i} 1 {path} {v:#x} 0 2\n")
+            rc, err = apply(f"uprobe {1000 + i} 1 {path} {v:#x} 0 {flags}\n")
             assert rc == 0, err
             rc, err = apply(f"detach {1000 + i}\n")
             assert rc == 0, err
