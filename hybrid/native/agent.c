@@ -2999,6 +2999,24 @@ int hybrid_agent_status(char *buf, uint64_t len)
  * itself when it is outside every patched window or at a window's first byte (now the jump); the
  * moved copy of that instruction in the trampoline when it is at a later instruction of one;
  * UINT64_MAX when it is inside a window between instruction boundaries (cannot be resumed). */
+/* For stack walks (helpers.c's get_stack and get_stackid): the return address `value` read
+ * from stack slot `slot`, as it would be without uretprobes.  A function called from its
+ * trampoline has the landing there (the return trampoline after an override); the real
+ * address is in this thread's shadow stack, in the entry for that slot.  The kernel does
+ * the same for its uretprobe trampoline since Linux 6.11. */
+uint64_t hybrid_agent_unwind_ret(uint64_t slot, uint64_t value)
+{
+    struct thr *t = self;
+    uint32_t i;
+
+    if (!t || t->depth == 0)
+        return value;
+    for (i = t->depth; i-- > 0;)
+        if (t->stack[i].sp == slot && returns_to_agent(t->stack[i].site, value))
+            return t->stack[i].ret;
+    return value;
+}
+
 uint64_t hybrid_agent_relocate_pc(uint64_t pc)
 {
     struct site *s;
@@ -3114,6 +3132,7 @@ int hybrid_agent_apply_file(const char *path)
 }
 
 int hybrid_agent_detach_all(void) { return 0; }
+uint64_t hybrid_agent_unwind_ret(uint64_t slot, uint64_t value) { (void)slot; return value; }
 uint64_t hybrid_agent_hits(uint32_t attach_id) { (void)attach_id; return 0; }
 uint64_t hybrid_agent_missed(uint32_t attach_id) { (void)attach_id; return 0; }
 int hybrid_agent_status(char *buf, uint64_t len) { if (buf && len) buf[0] = 0; return 0; }

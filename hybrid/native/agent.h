@@ -26,6 +26,9 @@ int hybrid_agent_status(char *buf, uint64_t len);/* one line per attachment: id 
 /* 1 when the grace period after the last apply/detach completed: no thread still runs (or can run again)
  * program code that was detached, so JIT code of detached programs may be freed; 0 otherwise. */
 int hybrid_agent_quiescent(void);
+/* A return address read from stack slot `slot` with the uretprobe trampolines' addresses replaced by
+ * the real ones from the calling thread's shadow stack (for stack walks). */
+uint64_t hybrid_agent_unwind_ret(uint64_t slot, uint64_t value);
 /* Where a thread stopped at pc by an injection resumes after an apply (UINT64_MAX: cannot). */
 uint64_t hybrid_agent_relocate_pc(uint64_t pc);
 /* Wait up to timeout_ms for a grace period now; 1 if it completed (see hybrid_agent_quiescent). */

@@ -99,7 +99,8 @@
  * address of each {next fp, return address} frame from regs->bp), reading
  * every frame through the safe copy and stopping at the first unreadable
  * frame; at most perf_event_max_stack (read once, default 127) frames
- * including the skipped ones.  Kernel stacks are -EFAULT (there is none);
+ * including the skipped ones.  A return address that leads into a uretprobe
+ * trampoline is reported as the real one (hybrid_agent_unwind_ret).  Kernel stacks are -EFAULT (there is none);
  * BPF_F_USER_BUILD_ID is -EINVAL (not supported).
  */
 #define _GNU_SOURCE
@@ -1602,6 +1603,9 @@ uint32_t hybrid_max_stack_depth(void)
  * The first `skip` are dropped, the rest stored at ips (safely).  Returns
  * the number stored, or -EFAULT if the regs cannot be read, ips cannot be
  * written, or the stack has fewer than `skip` frames. */
+/* agent.c's, when the probe agent is linked in (not in standalone builds) */
+extern uint64_t hybrid_agent_unwind_ret(uint64_t slot, uint64_t value) __attribute__((weak));
+
 long hybrid_collect_user_stack(const void *pt_regs, uint64_t *ips, uint32_t max, uint32_t skip)
 {
     uint64_t ip, fp, frame[2];
@@ -1619,7 +1623,7 @@ long hybrid_collect_user_stack(const void *pt_regs, uint64_t *ips, uint32_t max,
         if (nr >= limit || fp < USER_LOWEST || fp > USER_HIGHEST || (fp & 7) ||
             raw_copy(frame, (const void *)(uintptr_t)fp, sizeof(frame)) < 0)
             break;
-        ip = frame[1];
+        ip = hybrid_agent_unwind_ret ? hybrid_agent_unwind_ret(fp + 8, frame[1]) : frame[1];
         fp = frame[0];
     }
     if (nr < skip)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -96,6 +97,13 @@ __attribute__((noinline)) uint64_t f_rec(uint64_t n)
 {
     __asm__ volatile("" ::: "memory");
     return n == 0 ? 0 : f_rec(n - 1) + 2;
+}
+
+/* f_deep(n) = n + 1, through n + 1 frames and f_push */
+__attribute__((noinline)) uint64_t f_deep(uint64_t n)
+{
+    __asm__ volatile("" ::: "memory");
+    return n == 0 ? f_push(0) : f_deep(n - 1) + 1;
 }
 
 static jmp_buf jb;
@@ -188,6 +196,11 @@ int main(int argc, char **argv)
     long calls = 0, bad = 0;
     if (argc >= 4 && !strcmp(argv[1], "hammer")) {
         bad = hammer(argv[2], atoi(argv[3]), atol(argv[4]), NULL, &calls);
+    } else if (!strcmp(argv[1], "deep")) {
+        uint64_t r = f_deep(atol(argv[2]));
+        bad = r != (uint64_t)atol(argv[2]) + 1;
+        calls = 1;
+        printf("deep %p main %p\n", (void *)f_deep, (void *)main);
     } else if (!strcmp(argv[1], "rec")) {
         uint64_t r = f_rec(atol(argv[2]));
         bad = r != 2 * (uint64_t)atol(argv[2]);
@@ -255,6 +268,15 @@ uint64_t p_raw(void *ctx)
     ADD(10, 1);
     R[15] = r->orig_ax;
     R[16] = a[1];
+    return 0;
+}
+extern uint64_t hybrid_helper_get_stack(uint64_t, uint64_t, uint64_t, uint64_t, uint64_t) __attribute__((weak));
+uint64_t p_stack(void *ctx)    /* bpf_get_stack(ctx, buf, 128, BPF_F_USER_STACK) into R[20] (bytes), R[21..36] */
+{
+    uint64_t buf[16] = {0};
+    R[20] = hybrid_helper_get_stack((uint64_t)(uintptr_t)ctx, (uint64_t)(uintptr_t)buf, sizeof(buf), 1 << 8, 0);
+    for (int i = 0; i < 16; i++)
+        R[21 + i] = buf[i];
     return 0;
 }
 uint64_t p_cookie(void *ctx)
@@ -458,6 +480,35 @@ def test_recursion_with_uretprobe(build, region):
     assert "bad 0" in p.stdout
     c = region.counters()
     assert c[0] == 51 and c[13] == 51 and c[3] == sum(2 * k for k in range(51))
+
+
+def symbol_size(path, name):
+    with open(path, "rb") as f:
+        for s in ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name) or []:
+            return s["st_size"]
+    raise KeyError(name)
+
+
+def test_user_stacks_show_the_callers_of_return_probed_frames(build, region):
+    """A stack walked from inside return-probed calls has the real return addresses, not the
+    trampoline's landing that stands in for them on the stack (the kernel fixed the same for its
+    uretprobes in 6.11): f_push's entry probe sees five f_deep frames, then main."""
+    exe = str(build / "target")
+    so = prog_so(build, region.addr)
+    vd, vp = symbol(exe, "f_deep"), symbol(exe, "f_push")
+    text = region.line() + f"prog 1 {so} p_count\nprog 2 {so} p_stack\n"
+    text += site_lines(exe, vd) + f"uprobe 30 1 {exe} {vd:#x} 0 3\n"
+    text += site_lines(exe, vp) + f"uprobe 31 2 {exe} {vp:#x} 0 2\n"
+    p = launch(build, text, "deep", 5)
+    assert "bad 0" in p.stdout
+    deep, main = (int(x, 16) for x in re.search(r"deep (0x[0-9a-f]+) main (0x[0-9a-f]+)", p.stdout).groups())
+    c = region.counters(40)
+    assert c[0] == 6  # the six returns of f_deep(5..0)
+    ips = c[21:21 + c[20] // 8]
+    assert ips[0] == deep - vd + vp  # regs->ip: f_push's entry
+    in_deep = [ip for ip in ips[1:6] if deep < ip < deep + symbol_size(exe, "f_deep")]
+    assert len(in_deep) == 5, [hex(ip) for ip in ips]
+    assert main < ips[6] < main + symbol_size(exe, "main"), [hex(ip) for ip in ips]
 
 
 def test_longjmp_out_of_probed_frames(build, region):
